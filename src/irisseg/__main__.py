@@ -1,0 +1,3 @@
+from irisseg.cli import _console_script
+
+_console_script()

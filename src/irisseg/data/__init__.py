@@ -1,0 +1,1 @@
+"""Data: synthetic task generator, nnU-Net/MSD dataset reader, episodic and patch sampling."""
