@@ -1,0 +1,148 @@
+"""Building blocks shared by irisseg's 3D networks: residual blocks, FiLM, attention, 3D pixel shuffle.
+
+All modules take and return ``(B, C, D, H, W)`` tensors unless stated otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+__all__ = [
+    "ResidualBlock",
+    "FiLM",
+    "AttentionBlock",
+    "MLP",
+    "pixel_shuffle_3d",
+    "pixel_unshuffle_3d",
+]
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3x3 convolutions with InstanceNorm (affine) and LeakyReLU(0.01), plus a shortcut.
+
+    Arguments:
+      in_channels, out_channels (int): channel counts.
+      stride (int): stride of the first convolution (2 halves D, H and W); the shortcut is a strided 1x1x1
+        convolution whenever the shape changes.
+
+    Input ``(B, in_channels, D, H, W)`` -> output ``(B, out_channels, D/stride, H/stride, W/stride)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = nn.InstanceNorm3d(out_channels, affine=True)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = nn.InstanceNorm3d(out_channels, affine=True)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.InstanceNorm3d(out_channels, affine=True),
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.act(out + self.shortcut(x))
+
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation: ``x * (1 + gamma(t)) + beta(t)``.
+
+    Arguments:
+      channels (int): channels of the modulated feature map.
+      embed_dim (int): width of the conditioning vector.
+
+    ``forward(x (B, channels, D, H, W), t (B, embed_dim)) -> (B, channels, D, H, W)``. Initialised to the
+    identity (gamma = beta = 0), so an untrained FiLM leaves features unchanged.
+    """
+
+    def __init__(self, channels: int, embed_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(embed_dim, 2 * channels)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        gamma, beta = rearrange(self.linear(t), "b (two c) -> two b c 1 1 1", two=2)
+        return x * (1 + gamma) + beta
+
+
+class MLP(nn.Module):
+    """Two-layer perceptron with GELU, ``(..., dim) -> (..., dim)``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head attention with a pre-norm residual: ``x + Attn(LN(x), LN(context))``.
+
+    Uses ``torch.nn.functional.scaled_dot_product_attention`` (via ``nn.MultiheadAttention``).
+
+    Arguments:
+      dim (int): token width; num_heads (int): heads (``dim`` must be divisible by it).
+      cross (bool): cross-attention (with its own norm of the context) or self-attention.
+
+    ``forward(x (B, Nq, dim), context (B, Nk, dim) | None) -> (B, Nq, dim)``; self-attention takes no
+    context.
+    """
+
+    def __init__(self, dim: int, num_heads: int, cross: bool = True):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim) if cross else None
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.norm_q(x)
+        if (context is None) != (self.norm_kv is None):
+            raise ValueError("cross-attention needs a context; self-attention takes none")
+        kv = q if context is None else self.norm_kv(context)
+        out, _ = self.attn(q, kv, kv, need_weights=False)
+        return x + out
+
+
+def pixel_shuffle_3d(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Move channels to space: ``(B, C * r^3, d, h, w) -> (B, C, d * r, h * r, w * r)``."""
+    return rearrange(x, "b (c r1 r2 r3) d h w -> b c (d r1) (h r2) (w r3)", r1=r, r2=r, r3=r)
+
+
+def pixel_unshuffle_3d(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Move space to channels, the inverse of :func:`pixel_shuffle_3d`: ``(B, C, D, H, W) -> (B, C*r^3, D/r, H/r, W/r)``."""
+    return rearrange(x, "b c (d r1) (h r2) (w r3) -> b (c r1 r2 r3) d h w", r1=r, r2=r, r3=r)
+
+
+def masked_mean(features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Weighted spatial mean ``sum(F * w) / (sum(w) + eps)``.
+
+    Arguments:
+      features (torch.Tensor): (B, C, D, H, W).
+      weights (torch.Tensor): (B, N, D, H, W) non-negative weights (e.g. masks at the features' scale).
+
+    Returns:
+      torch.Tensor: (B, N, C), one mean feature vector per weight map.
+    """
+    num = torch.einsum("bcdhw,bndhw->bnc", features, weights.to(features.dtype))
+    den = weights.sum(dim=(-3, -2, -1)).to(features.dtype).unsqueeze(-1)
+    return num / (den + eps)
+
+
+def area_downsample(mask: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Fraction of each coarse voxel covered by a mask: ``(B, N, D, H, W) -> (B, N, *size)``.
+
+    Exact box averaging when ``D, H, W`` are multiples of ``size`` (the encoder's strides).
+    """
+    if tuple(mask.shape[-3:]) == tuple(size):
+        return mask
+    return F.adaptive_avg_pool3d(mask, size)

@@ -1,0 +1,113 @@
+"""IRIS mask decoder: bidirectional attention with the task tokens, then FiLM-conditioned up-sampling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from irisseg.models.blocks import MLP, AttentionBlock, FiLM, ResidualBlock
+from irisseg.models.task_encoding import TaskEmbedding
+
+
+def prototype_similarity(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every query voxel with the foreground and background prototypes.
+
+    Arguments:
+      features (torch.Tensor): query features (B, C_s, D_s, H_s, W_s).
+      prototypes (torch.Tensor): (B, N, 2, C_s) foreground / background prototypes per class.
+
+    Returns:
+      torch.Tensor: (B * N, 2, D_s, H_s, W_s) similarities in [-1, 1].
+    """
+    f = F.normalize(features, dim=1)
+    p = F.normalize(prototypes.to(features.dtype), dim=-1)
+    sim = torch.einsum("bcdhw,bnkc->bnkdhw", f, p)
+    return rearrange(sim, "b n k d h w -> (b n) k d h w")
+
+
+class BidirectionalAttention(nn.Module):
+    """Tokens attend to features, features attend to the updated tokens, tokens self-attend (pre-norm
+    residuals throughout), then an MLP on the tokens.
+
+    ``forward(features (B, L, C), tokens (B, T, C)) -> (features (B, L, C), tokens (B, T, C))``.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.tokens_to_features = AttentionBlock(dim, num_heads)
+        self.features_to_tokens = AttentionBlock(dim, num_heads)
+        self.token_self = AttentionBlock(dim, num_heads, cross=False)
+        self.mlp = MLP(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokens_to_features(tokens, features)
+        features = self.features_to_tokens(features, tokens)
+        tokens = self.token_self(tokens)
+        tokens = tokens + self.mlp(self.norm(tokens))
+        return features, tokens
+
+
+class UpStage(nn.Module):
+    """Transposed-conv 2x up-sampling, concatenation with the skip (and similarity maps), a residual
+    block, and FiLM from the task summary."""
+
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, embed_dim: int):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(in_ch, out_ch, 2, stride=2)
+        self.block = ResidualBlock(out_ch + skip_ch, out_ch)
+        self.film = FiLM(out_ch, embed_dim)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        x = self.block(torch.cat([self.up(x), skip], dim=1))
+        return self.film(x, summary)
+
+
+class MaskDecoder(nn.Module):
+    """Decodes query features and a task embedding into one logit map per class.
+
+    Arguments:
+      channels (tuple[int, ...]): encoder channels per scale ``(c0, c1, c2, C)``.
+      num_heads (int): attention heads.
+      use_similarity (bool): feed the prototype-similarity maps beside each skip and at the bottleneck.
+    """
+
+    def __init__(self, channels: tuple[int, ...], num_heads: int, use_similarity: bool = True):
+        super().__init__()
+        c0, c1, c2, dim = channels
+        self.use_similarity = use_similarity
+        extra = 2 if use_similarity else 0
+        self.bottleneck = nn.Conv3d(dim + extra, dim, 1)
+        self.attention = BidirectionalAttention(dim, num_heads)
+        self.stages = nn.ModuleList([
+            UpStage(dim, c2 + extra, c2, dim),
+            UpStage(c2, c1 + extra, c1, dim),
+            UpStage(c1, c0 + extra, c0, dim),
+        ])
+        self.head = nn.Conv3d(c0, 1, 1)
+
+    def forward(self, features: list[torch.Tensor], task: TaskEmbedding) -> torch.Tensor:
+        """
+        Arguments:
+          features (list[torch.Tensor]): the query's encoder maps ``[f0, f1, f2, f3]``, each (B, C_s, ...).
+          task (TaskEmbedding): tokens (B, N, m+1, C) and prototypes per scale.
+
+        Returns:
+          torch.Tensor: logits (B, N, D, H, W) at the query's full resolution.
+        """
+        B, N = task.tokens.shape[:2]
+        per_class = [repeat(f, "b c d h w -> (b n) c d h w", n=N) for f in features]
+        if self.use_similarity:
+            per_class = [torch.cat([f, prototype_similarity(q, p)], dim=1)
+                         for f, q, p in zip(per_class, features, task.prototypes)]
+        x = self.bottleneck(per_class[-1])
+        d, h, w = x.shape[-3:]
+        tokens = rearrange(task.tokens, "b n t c -> (b n) t c").to(x.dtype)
+        x_tok, tokens = self.attention(rearrange(x, "bn c d h w -> bn (d h w) c"), tokens)
+        x = rearrange(x_tok, "bn (d h w) c -> bn c d h w", d=d, h=h, w=w)
+        summary = tokens.mean(dim=1)
+        for stage, skip in zip(self.stages, reversed(per_class[:-1])):
+            x = stage(x, skip, summary)
+        return rearrange(self.head(x), "(b n) 1 d h w -> b n d h w", n=N)

@@ -1,0 +1,177 @@
+"""The IRIS in-context segmentation model, composed from its parts, and its registry.
+
+Usage, segment-anything predictor style (encode the support once, answer many queries)::
+
+    model = build_iris("iris-small")
+    task = model.encode_task(support_images, support_masks)   # (B,K,1,D,H,W), (B,K,N,D,H,W)
+    logits = model.decode(query, task)                         # (B,1,D,H,W) -> (B,N,D,H,W)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from irisseg.errors import InputError
+from irisseg.models.decoder import MaskDecoder
+from irisseg.models.encoder import Encoder
+from irisseg.models.memory import ClassMemoryBank
+from irisseg.models.task_encoding import TaskEmbedding, TaskEncoder
+
+
+@dataclass
+class IrisConfig:
+    """Everything needed to rebuild an IRIS model (saved as ``config.json`` beside the weights).
+
+    Attributes:
+      name: registry name. in_channels: image channels. base_channels: stem width (encoder channels are
+      ``base * (1, 2, 4, 8)``). embed_dim: token width ``C``. num_tokens: ``m`` query tokens. num_heads:
+      attention heads. image_size: the (D, H, W) model grid used at inference (multiples of 8).
+      use_similarity: prototype-similarity maps in the decoder. context_channels: context-path channels.
+      memory_momentum: EMA momentum of the class memory bank.
+    """
+
+    name: str = "iris-small"
+    in_channels: int = 1
+    base_channels: int = 16
+    embed_dim: int = 128
+    num_tokens: int = 8
+    num_heads: int = 8
+    image_size: tuple[int, int, int] = (64, 64, 64)
+    use_similarity: bool = True
+    context_channels: int | None = None
+    memory_momentum: float = 0.999
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> IrisConfig:
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in data.items() if k in known})
+        cfg.image_size = tuple(cfg.image_size)
+        return cfg
+
+
+CONFIGS: dict[str, IrisConfig] = {
+    # The seed's configuration: base 32, 128^3 grid, width 256, 8 tokens, 8 heads.
+    "iris-base": IrisConfig(name="iris-base", base_channels=32, embed_dim=256, image_size=(128, 128, 128)),
+    # For CPUs: a quarter of the channels squared-ish, 64^3 grid.
+    "iris-small": IrisConfig(name="iris-small", base_channels=16, embed_dim=128, image_size=(64, 64, 64)),
+}
+
+
+class IrisModel(nn.Module):
+    """Encoder + task encoder + mask decoder, plus a class memory bank (not a parameter).
+
+    Arguments:
+      config (IrisConfig): the architecture.
+    """
+
+    def __init__(self, config: IrisConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config.in_channels, config.base_channels, config.embed_dim)
+        self.task_encoder = TaskEncoder(self.encoder.channels, config.num_tokens, config.num_heads,
+                                        ratio=Encoder.stride, context_channels=config.context_channels)
+        self.decoder = MaskDecoder(self.encoder.channels, config.num_heads, config.use_similarity)
+        self.memory = ClassMemoryBank(config.memory_momentum)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode_task(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> TaskEmbedding:
+        """Encode the support set once.
+
+        Arguments:
+          support_images (torch.Tensor): (B, K, C_in, D, H, W) float, normalised intensities.
+          support_masks (torch.Tensor): (B, K, N, D, H, W) in {0, 1}: N classes per support.
+
+        Returns:
+          TaskEmbedding: tokens (B, N, m+1, C) (averaged over the K supports) and per-scale prototypes.
+        """
+        if support_images.ndim != 6 or support_masks.ndim != 6:
+            raise ValueError("support_images must be (B, K, C, D, H, W) and support_masks (B, K, N, D, H, W)")
+        if support_images.shape[:2] != support_masks.shape[:2] or support_images.shape[-3:] != support_masks.shape[-3:]:
+            raise ValueError(f"support shapes differ: {tuple(support_images.shape)} vs {tuple(support_masks.shape)}")
+        feats = self.encoder(rearrange(support_images, "b k c d h w -> (b k) c d h w"))
+        return self.task_encoder(feats, support_masks)
+
+    def decode(self, query_images: torch.Tensor, task: TaskEmbedding) -> torch.Tensor:
+        """Segment queries with an encoded task.
+
+        Arguments:
+          query_images (torch.Tensor): (B, C_in, D, H, W), D, H, W multiples of 8.
+          task (TaskEmbedding): from :meth:`encode_task` (batch B, or 1 to reuse one task for all queries).
+
+        Returns:
+          torch.Tensor: logits (B, N, D, H, W); sigmoid gives each class's probability.
+        """
+        task = task.expand_batch(query_images.shape[0])
+        return self.decoder(self.encoder(query_images), task)
+
+    def forward(self, support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor) -> torch.Tensor:
+        """``decode(query_images, encode_task(support_images, support_masks))``: (B, N, D, H, W) logits."""
+        return self.decode(query_images, self.encode_task(support_images, support_masks))
+
+    # -- persistence -----------------------------------------------------------------------------------
+    def save(self, folder: str | Path, extra: dict | None = None) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and ``memory.safetensors`` into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = folder / ".model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(folder / "model.safetensors")
+        self.memory.save(folder / "memory.safetensors")
+        cfg = self.config.to_dict()
+        if extra:
+            cfg["extra"] = {**cfg.get("extra", {}), **extra}
+        (folder / ".config.json.tmp").write_text(json.dumps(cfg, indent=2))
+        (folder / ".config.json.tmp").replace(folder / "config.json")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> IrisModel:
+        """Rebuild a model from a folder written by :meth:`save` (safetensors only, no pickle)."""
+        folder = Path(folder)
+        cfg_path, weights = folder / "config.json", folder / "model.safetensors"
+        for p in (cfg_path, weights):
+            if not p.is_file():
+                raise InputError(f"{folder}: not a model folder ({p.name} is missing)")
+        try:
+            config = IrisConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise InputError(f"{cfg_path}: unreadable model config ({exc})") from None
+        model = cls(config)
+        try:
+            state = load_file(str(weights), device=str(map_location))
+            model.load_state_dict(state)
+        except Exception as exc:  # safetensors / shape mismatches
+            raise InputError(f"{weights}: cannot load weights ({' '.join(str(exc).split())[:200]})") from None
+        if (folder / "memory.safetensors").is_file():
+            model.memory = ClassMemoryBank.load(folder / "memory.safetensors")
+        return model
+
+
+def build_iris(name: str = "iris-small", **overrides) -> IrisModel:
+    """A freshly initialised IRIS model from the registry (``iris-base`` or ``iris-small``)."""
+    if name not in CONFIGS:
+        raise InputError(f"unknown model config {name!r} (choose from {', '.join(CONFIGS)})")
+    cfg = IrisConfig.from_dict({**CONFIGS[name].to_dict(), **overrides})
+    return IrisModel(cfg)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters per top-level component and in total."""
+    out = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    out["total"] = sum(p.numel() for p in model.parameters())
+    return out
