@@ -268,3 +268,99 @@ def test_triplanar_overlay_writes_a_png(tmp_path):
     viz.triplanar_overlay(np.zeros((2,) + case.label.shape), masks, tmp_path / "b.png", fill=False, channel=1)
     with pytest.raises(InputError):
         viz.triplanar_overlay(case.image, {"bad": np.zeros((3, 3, 3))}, tmp_path / "c.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# tasks (several "patients" of one structure, for in-context episodes)
+# --------------------------------------------------------------------------------------------------
+def _voxels(task):
+    """(V, N) voxel counts of labels 1..N in every view."""
+    n = len(task.families)
+    return np.stack([np.bincount(lab.ravel(), minlength=n + 1)[1:n + 1] for lab in task.labels])
+
+
+def test_task_same_seed_same_arrays_and_different_seed_differs():
+    a, b, c = (syn.generate_task(SHAPE, s, n_views=3) for s in (4, 4, 5))
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.families == b.families and a.spacing == b.spacing
+    np.testing.assert_array_equal(a.direction, b.direction)
+    assert not np.array_equal(a.images, c.images)
+
+
+def test_task_views_differ_but_show_the_same_labels_with_comparable_sizes():
+    inconsistent, labels_seen = 0, 0
+    for seed in range(4):
+        task = syn.generate_task(32, seed, n_views=4)
+        n = len(task.families)
+        assert task.images.shape == task.labels.shape == (4, 32, 32, 32) and task.n_views == 4
+        assert task.images.dtype == np.float32 and task.labels.dtype == np.uint8
+        assert np.isfinite(task.images).all() and 0.0 <= task.images.min() and task.images.max() <= 1.0
+        assert sorted(task.families) == sorted(task.label_names) == list(range(1, n + 1)) and 1 <= n <= 3
+        assert set(task.families.values()) <= set(syn.FAMILIES)
+        for v in range(4):
+            assert set(np.unique(task.labels[v])) == set(range(n + 1))  # every label in every view
+            for w in range(v):
+                assert not np.array_equal(task.images[v], task.images[w])
+                assert not np.array_equal(task.labels[v], task.labels[w])
+        counts = _voxels(task)
+        ratio = counts.max(0) / counts.min(0)
+        assert (ratio <= 3.0).all(), (seed, counts)
+        # same task: each target keeps its contrast sign against its surroundings in every view
+        for lab in task.families:
+            diffs = []
+            for image, label in zip(task.images, task.labels, strict=True):
+                inside = label == lab
+                ring = ndi.binary_dilation(inside, iterations=2) & (label == 0)
+                diffs.append(image[inside].mean() - image[ring].mean())
+            labels_seen += 1
+            inconsistent += not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs))
+    assert inconsistent <= 1, f"{inconsistent} of {labels_seen} targets flip contrast between views"
+
+
+def test_task_views_are_deformed_not_copies():
+    task = syn.generate_task(32, 1, n_views=2, n_classes=1, families=["ellipsoids"])
+    a, b = task.labels[0] == 1, task.labels[1] == 1
+    dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+    assert dice < 0.9  # each view moved / reshaped the structure
+    body_a, body_b = task.images[0] > 0.15, task.images[1] > 0.15
+    assert (body_a != body_b).mean() > 0.02  # the whole "patient" moved, not only the target
+
+
+def test_task_family_hold_out_and_n_classes():
+    for n in (1, 2, 3, 5):
+        task = syn.generate_task(SHAPE, n, n_views=2, exclude=["vessels", "shells"], n_classes=n)
+        assert sorted(task.families) == list(range(1, n + 1))
+        assert not {"vessels", "shells"} & set(task.families.values())
+        assert (_voxels(task) > 0).all()
+    only = syn.generate_task(SHAPE, 0, n_views=2, families=["tubes"], n_classes=2)
+    assert only.families == {1: "tubes", 2: "tubes"}
+    nested = syn.generate_task(SHAPE, 0, n_views=2, families=["nested"], n_classes=1)
+    assert nested.families == {1: "nested"}  # a nested structure on the last label keeps one label
+    drawn = {len(syn.generate_task(16, s, n_views=1).families) for s in range(8)}
+    assert drawn <= {1, 2, 3} and len(drawn) >= 2
+
+
+def test_task_crop_keeps_every_target_in_every_view():
+    task = syn.generate_task(32, 2, n_views=3, crop=(24, 20, 16))
+    assert task.images.shape == task.labels.shape == (3, 24, 20, 16)
+    assert (_voxels(task) > 0).all()
+    full = syn.generate_task(32, 2, n_views=3)
+    assert (_voxels(task) >= 0.6 * _voxels(full).min(0)).all()
+
+
+def test_task_input_errors():
+    with pytest.raises(InputError, match="n_views"):
+        syn.generate_task(SHAPE, 0, n_views=0)
+    with pytest.raises(InputError, match="n_classes"):
+        syn.generate_task(SHAPE, 0, n_classes=6)
+    with pytest.raises(InputError, match="crop"):
+        syn.generate_task(SHAPE, 0, crop=(SHAPE + 1, 8, 8))
+    with pytest.raises(InputError, match="valid options"):
+        syn.generate_task(SHAPE, 0, channels=2)
+    with pytest.raises(InputError, match="rotate"):
+        syn.generate_task(SHAPE, 0, rotate=90)
+    with pytest.raises(InputError, match="valid families"):
+        syn.generate_task(SHAPE, 0, families=["spirals"])
+    with pytest.raises(InputError):
+        syn.generate_task(SHAPE, -1)

@@ -22,6 +22,12 @@ brain split into two complementary territories imaged through several perfusion-
 ``findings`` (a body carrying a random subset of named finding types with fixed label ids and a multi-hot
 vector, for retrieval). :func:`generate_dataset` writes N cases as an nnU-Net v2 raw dataset.
 
+Tasks (:func:`generate_task`): for episodic in-context training, one multiclass-style scene and one set of
+tissue intensities define a *task*; its V views are different "patients" of that task, each with its own
+random affine, smooth deformation, target reshaping, slightly jittered intensities and its own bias field,
+blur, thick slices, noise and gamma (:class:`SyntheticTask`, images (V, D, H, W)). :func:`preview_task`
+draws the views side by side (``docs/synthetic_task.png``).
+
 Conventions: arrays are ``(D, H, W)`` (SimpleITK ``z, y, x``); spacing and origin are in mm in ``(x, y,
 z)`` order; sizes of shapes are in voxels. Everything is deterministic given the seed; per-case seeds of
 a dataset come from :func:`case_seed` (``numpy.random.SeedSequence`` of ``(seed, index)``), so case ``i``
@@ -67,6 +73,10 @@ __all__ = [
     "mode_label_names",
     "generate_case",
     "generate_dataset",
+    "SyntheticTask",
+    "task_options",
+    "generate_task",
+    "preview_task",
 ]
 
 #: Generation modes of :func:`generate_case`.
@@ -727,13 +737,19 @@ def _simulate_thick_slices(image: np.ndarray, axis: int, factor: float) -> np.nd
     return _interp_axis(low, axis, np.linspace(0, m - 1, n))
 
 
-def _sample_means(rng: np.random.Generator, scene: _Scene) -> tuple[np.ndarray, np.ndarray]:
-    """Per-tissue random means and stds (float32 arrays over tissue ids), honouring contrast rules."""
+def _sample_means(rng: np.random.Generator, scene: _Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-tissue random means, stds and contrast offsets (float32 arrays over tissue ids).
+
+    A tissue with a contrast rule gets ``mean = (weighted mean of its hosts) + offset``; its signed
+    ``offset`` is returned (0 for tissues without a rule) so that :func:`_jitter_means` can re-derive the
+    means of a re-rendered view from jittered host means while keeping each target's contrast.
+    """
     n = len(scene.labels)
     means = rng.uniform(0.0, 1.0, n)
     if rng.random() < 0.85:  # outside the body is usually dark (air), sometimes anything
         means[0] = rng.uniform(0.0, 0.12)
     stds = np.empty(n)
+    offsets = np.zeros(n)
     for t in range(n):
         low, high = scene.std[t] or (0.005, 0.04)
         stds[t] = rng.uniform(low, high)
@@ -749,20 +765,50 @@ def _sample_means(rng: np.random.Generator, scene: _Scene) -> tuple[np.ndarray, 
             if abs(flipped - 0.5) < abs(value - 0.5):
                 value = flipped
         means[t] = value
-    return means.astype(np.float32), stds.astype(np.float32)
+        offsets[t] = value - base
+    return means.astype(np.float32), stds.astype(np.float32), offsets.astype(np.float32)
+
+
+def _jitter_means(rng: np.random.Generator, scene: _Scene, means: np.ndarray, stds: np.ndarray,
+                  offsets: np.ndarray, jitter: float) -> tuple[np.ndarray, np.ndarray]:
+    """Means and stds of one view of a task: the task's values, slightly perturbed.
+
+    Tissues without a contrast rule move by up to ``0.3 * jitter`` (intensity units, about ``jitter`` of a
+    typical contrast); a tissue with a rule keeps its rule: the (jittered) mean of its hosts plus its task
+    offset scaled by ``1 +- jitter``. Stds are scaled by ``1 +- 2 * jitter``. Host ids are always smaller
+    than the tissue's own id (hosts are painted first), so one forward pass resolves every rule.
+    """
+    n = len(means)
+    out = means.astype(np.float64) + rng.uniform(-0.3, 0.3, n) * jitter
+    scale = 1.0 + rng.uniform(-1.0, 1.0, n) * jitter
+    for t in range(n):
+        rule = scene.contrast[t]
+        if rule is not None:
+            out[t] = float(np.dot(out[rule.hosts], rule.weights)) + float(offsets[t]) * scale[t]
+    view_stds = stds * (1.0 + rng.uniform(-2.0, 2.0, n) * jitter)
+    return out.astype(np.float32), np.maximum(view_stds, 1e-4).astype(np.float32)
+
+
+def _sample_texture(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Per-tissue amplitude of a smooth within-tissue texture (float32 (n,)): U(0, 0.08) for about half."""
+    return (rng.uniform(0.0, 0.08, n) * (rng.random(n) < 0.5)).astype(np.float32)
 
 
 def _render(rng: np.random.Generator, tissue: np.ndarray, means: np.ndarray, stds: np.ndarray,
-            acquisition: tuple[int, float, float], gain: np.ndarray | None = None) -> np.ndarray:
+            acquisition: tuple[int, float, float], gain: np.ndarray | None = None,
+            texture: np.ndarray | None = None) -> np.ndarray:
     """Render a tissue map: GMM sampling (+ texture), bias field, blur, thick slices, noise, [0, 1], gamma.
 
     ``acquisition`` is (slice axis, slice/in-plane spacing ratio, probability of a thick-slice simulation);
-    the simulated slice thickness is 0.8-1.5 x that ratio (1.5-4 voxels).
+    the simulated slice thickness is 0.8-1.5 x that ratio (1.5-4 voxels). ``texture`` (per-tissue texture
+    amplitudes, see :func:`_sample_texture`) is drawn here when None; the texture field itself, the bias
+    field, blur, thick slices, noise and gamma are always drawn here.
     """
     slice_axis, ratio, thick_slice = acquisition
     shape = tissue.shape
     image = means[tissue] + stds[tissue] * rng.standard_normal(shape, dtype=np.float32)
-    texture = (rng.uniform(0.0, 0.08, len(means)) * (rng.random(len(means)) < 0.5)).astype(np.float32)
+    if texture is None:
+        texture = _sample_texture(rng, len(means))
     if texture.max() > 0.005:  # smooth within-tissue texture for about half the tissues
         image += texture[tissue] * smooth_noise(rng, shape, rng.uniform(0.8, 2.5))
     if gain is not None:
@@ -971,18 +1017,40 @@ def _erase_small(tissue: np.ndarray, lut: np.ndarray, label: int, min_voxels: in
 
 
 def _multiclass(rng: np.random.Generator, shape, allowed: tuple[str, ...], opts: dict):
+    scene, families, _, _ = _multiclass_scene(rng, shape, allowed, (int(opts["min_structures"]),
+                                           int(opts["max_structures"])), int(opts["distractors"]))
+    return scene, families
+
+
+def _multiclass_scene(rng: np.random.Generator, shape: tuple[int, int, int], allowed: tuple[str, ...],
+                      count: tuple[int, int], distractors: int, exact: bool = False, min_voxels: int = 1
+                      ) -> tuple[_Scene, dict[int, str], list[list[int]], np.ndarray]:
+    """A body with clutter organs, ``count`` (random in [lo, hi]) labelled structures and distractors.
+
+    Shared by the ``multiclass`` mode and :func:`generate_task`. A ``nested`` structure takes two
+    consecutive labels (outer, core); with ``exact=False`` it is only drawn while two labels are left
+    (nested-only: the count is made even), with ``exact=True`` a nested structure drawn for the last label
+    gets one label for both parts (so exactly ``count`` labels can always be reached). A drawn structure
+    with a labelled part of fewer than ``min_voxels`` voxels is discarded and drawn again.
+
+    Returns (scene, label -> family, the tissue ids of each placed structure in placement order, and
+    ``under``: the final tissue map (int16 (D, H, W)) with every structure replaced by the tissue it was
+    painted over). Fewer labels than asked are placed when the free space runs out.
+    """
     scene, interior, deep = _trunk_scene(rng, shape)
-    n_target = int(rng.integers(int(opts["min_structures"]), int(opts["max_structures"]) + 1))
-    if allowed == ("nested",):
+    n_target = int(rng.integers(count[0], count[1] + 1))
+    if allowed == ("nested",) and not exact:
         n_target = max(2, n_target - n_target % 2)
     free = interior.copy()
+    before = scene.tissue.copy()
     families: dict[int, str] = {}
+    structures: list[list[int]] = []
     base = min(shape)
     next_label = 1
     attempts = 0
     while next_label <= n_target and attempts < 4 * n_target:
         attempts += 1
-        choices = [f for f in allowed if f != "nested" or next_label < n_target]
+        choices = [f for f in allowed if f != "nested" or next_label < n_target or exact]
         if not choices:
             break
         family = str(rng.choice(choices))
@@ -990,20 +1058,24 @@ def _multiclass(rng: np.random.Generator, shape, allowed: tuple[str, ...], opts:
         parts = _place(rng, family, free, size, preferred=deep)
         ids = {PART_MAIN: next_label}
         if family == "nested":
-            ids[PART_CORE] = next_label + 1
-        if not all((parts == p).any() for p in ids):
+            ids[PART_CORE] = min(next_label + 1, n_target)
+        if not all(np.count_nonzero(parts == p) >= max(1, min_voxels) for p in set(ids)):
             continue
-        scene.paint_parts(parts, ids, contrast=(0.1, 0.5), core_contrast=(0.1, 0.4))
+        tids = scene.paint_parts(parts, ids, contrast=(0.1, 0.5), core_contrast=(0.1, 0.4))
+        structures.append(sorted(tids.values()))
         for lab in ids.values():
             families[lab] = family
         free &= parts == 0
-        next_label += len(ids)
-    for _ in range(int(rng.integers(0, int(opts["distractors"]) + 1))):
+        next_label = max(ids.values()) + 1
+    for _ in range(int(rng.integers(0, distractors + 1))):
         family = str(rng.choice(allowed))
         parts = _place(rng, family, free, base * rng.uniform(0.05, 0.14) * _FAMILY_SIZE[family])
         scene.paint_parts(parts, {}, contrast=(0.05, 0.4))
         free &= parts == 0
-    return scene, families
+    is_structure = np.zeros(len(scene.labels), dtype=bool)
+    is_structure[[t for tids in structures for t in tids]] = True
+    under = np.where(is_structure[scene.tissue], before, scene.tissue)
+    return scene, families, structures, under
 
 
 def _lesion_scene(rng: np.random.Generator, shape, allowed: tuple[str, ...], opts: dict):
@@ -1188,11 +1260,11 @@ def generate_case(mode: str, shape: int | Sequence[int] = 64, seed: int = 0,
     if mode == "territories":  # one acquisition per channel, each with its own contrast and gains
         images = []
         for gain in _territory_gain(rng, label, int(opts["channels"])):
-            means, stds = _sample_means(rng, scene)
+            means, stds, _ = _sample_means(rng, scene)
             images.append(_render(rng, tissue, means, stds, acquisition, gain))
         image = np.stack(images)
     else:
-        means, stds = _sample_means(rng, scene)
+        means, stds, _ = _sample_means(rng, scene)
         image = _render(rng, tissue, means, stds, acquisition)
 
     names = mode_label_names(mode, opts) if mode != "multiclass" else {v: f"structure_{v}" for v in present}
@@ -1210,6 +1282,374 @@ def generate_case(mode: str, shape: int | Sequence[int] = 64, seed: int = 0,
         families={v: fam[v] for v in present if v in fam},
         findings=findings,
         mode=mode,
+        seed=seed,
+    )
+
+
+# ===================================================================================================
+# tasks: several "patients" showing the same kind of structure (in-context episodes)
+# ===================================================================================================
+_TASK_OPTIONS = {"oblique": 0.3, "thick_slice": 0.4, "distractors": 3, "deform": 0.1, "rotate": 15.0,
+                 "scale": 0.15, "translate": 0.08, "reshape": 0.15, "jitter": 0.1, "crop": None}
+_TASK_TAG = 1000  # seed-sequence tag of tasks (generate_case uses the mode index, 0..3)
+_TASK_ATTEMPTS = 8  # task resamples (new scene) before giving up on the size window
+_VIEW_TRIES = 4  # draws of a view's warp before the task is resampled
+_VIEW_SIZE_WINDOW = (0.6, 1.65)  # accepted voxel count of a target in a view / in the task's base scene
+
+
+def task_options(**options) -> dict:
+    """The full option dict of :func:`generate_task`: defaults updated with ``options``, validated.
+
+    Options (defaults in brackets):
+
+    * ``oblique`` [0.3], ``thick_slice`` [0.4], ``distractors`` [3]: as for :func:`generate_case`
+      (``thick_slice`` is the probability per view).
+    * ``deform`` [0.1]: maximum displacement of each view's smooth random deformation, as a fraction of
+      the smallest side (~3 voxels at 32^3, ~6 at 64^3); in [0, 0.2].
+    * ``rotate`` [15.0]: maximum rotation of each view's random affine, degrees, in [0, 45].
+    * ``scale`` [0.15]: each view is scaled by U(1 - scale, 1 + scale) per axis, in [0, 0.3].
+    * ``translate`` [0.08]: maximum shift per axis, fraction of the side, in [0, 0.2].
+    * ``reshape`` [0.15]: extra per-view deformation of the targets only: each structure is resized by
+      U(1 - reshape, 1 + reshape) per axis about its centre and its outline perturbed by a local random
+      field (std up to ``0.1 * reshape * min side`` voxels), so views are not mere warps of each other;
+      in [0, 0.3].
+    * ``jitter`` [0.1]: per-view change of the tissue intensities: means of plain tissues +- 0.3 x jitter,
+      target-to-surroundings contrast x (1 +- jitter), stds x (1 +- 2 jitter); in [0, 0.5].
+    * ``crop`` [None]: (d, h, w) (or one int): views are generated at ``shape`` and cropped to this size
+      at a per-view random offset that keeps every target (see :func:`generate_task`).
+
+    Arguments:
+      **options: overrides.
+
+    Returns:
+      dict: the options (``crop`` as given; it is checked against the shape by :func:`generate_task`).
+
+    Raises:
+      InputError: an unknown option or a value out of range.
+    """
+    unknown = sorted(set(options) - set(_TASK_OPTIONS))
+    if unknown:
+        raise InputError(f"unknown task option {unknown[0]!r}; valid options: {', '.join(_TASK_OPTIONS)}")
+    merged = {**_TASK_OPTIONS, **options}
+    limits = {"oblique": 1.0, "thick_slice": 1.0, "deform": 0.2, "rotate": 45.0, "scale": 0.3,
+              "translate": 0.2, "reshape": 0.3, "jitter": 0.5}
+    for key, high in limits.items():
+        try:
+            value = float(merged[key])
+        except (TypeError, ValueError):
+            value = -1.0
+        if not 0.0 <= value <= high:
+            raise InputError(f"task option {key} must be in [0, {high:g}], got {merged[key]!r}")
+        merged[key] = value
+    if isinstance(merged["distractors"], bool) or not 0 <= int(merged["distractors"]) <= 10:
+        raise InputError(f"task option distractors must be in 0..10, got {merged['distractors']!r}")
+    merged["distractors"] = int(merged["distractors"])
+    return merged
+
+
+@dataclass
+class SyntheticTask:
+    """Several views ("patients") of one synthetic segmentation task.
+
+    Every view shows the same labelled structures (label ``i`` is the same structure, of family
+    ``families[i]``, in every view) in the same kind of body with the same kind of contrast, but each view
+    is independently deformed, resized, reshaped and re-rendered, as two patients' scans differ.
+
+    Attributes:
+      images (np.ndarray): float32 in [0, 1], (V, D, H, W): the V views.
+      labels (np.ndarray): uint8 (V, D, H, W): label maps, labels 1..N (0 is background), every label
+        present in every view.
+      families (dict[int, str]): shape family of every label (a ``nested`` structure has two labels, outer
+        and core, unless it was drawn for the last label: then one).
+      label_names (dict[int, str]): ``structure_<i>`` for every label.
+      spacing (tuple[float, float, float]): voxel size in mm, (x, y, z), shared by the views.
+      direction (np.ndarray): (3, 3) direction cosines (row-major, det +1), shared by the views.
+      origin (tuple[float, float, float]): position of voxel [0, 0, 0] in mm, (x, y, z), shared.
+      seed (int): the seed that reproduces this task with :func:`generate_task`.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    families: dict[int, str]
+    label_names: dict[int, str]
+    spacing: tuple[float, float, float]
+    direction: np.ndarray
+    origin: tuple[float, float, float]
+    seed: int
+
+    @property
+    def n_views(self) -> int:
+        """Number of views V."""
+        return int(self.images.shape[0])
+
+
+@dataclass
+class _TaskBase:
+    """The task-level scene and appearance that every view is rendered from."""
+
+    scene: _Scene
+    tissue: np.ndarray  # int16 (D, H, W): the base tissue map
+    under: np.ndarray  # int16 (D, H, W): the same without the target structures (what they cover)
+    lut: np.ndarray  # uint8 label of every tissue id
+    is_target: np.ndarray  # bool per tissue id: part of a labelled structure (shell lumens included)
+    centres: list[np.ndarray]  # (z, y, x) centre of each structure, voxels
+    radii: list[float]  # half of the largest bounding-box side of each structure, voxels
+    counts: np.ndarray  # int64 (N,): voxels of labels 1..N in the base scene
+    families: dict[int, str]
+    means: np.ndarray
+    stds: np.ndarray
+    offsets: np.ndarray
+    texture: np.ndarray
+
+
+def _task_base(rng: np.random.Generator, shape: tuple[int, int, int], allowed: tuple[str, ...],
+               n_classes: int | None, distractors: int, min_voxels: int) -> _TaskBase | None:
+    """Draw a task's scene (exactly n_classes labels, each >= min_voxels) and appearance; None on failure."""
+    count = (n_classes, n_classes) if n_classes is not None else (1, 3)
+    scene, families, structures, under = _multiclass_scene(rng, shape, allowed, count, distractors, exact=True,
+                                                           min_voxels=min_voxels)
+    lut = scene.label_lut()
+    n = len(families)
+    if n == 0 or sorted(families) != list(range(1, n + 1)) or (n_classes is not None and n != n_classes):
+        return None
+    counts = np.bincount(lut[scene.tissue].ravel(), minlength=n + 1)[1:n + 1]
+    if counts.min() < min_voxels:
+        return None
+    is_target = np.zeros(len(lut), dtype=bool)
+    centres, radii = [], []
+    for tids in structures:
+        is_target[tids] = True
+        found = ndi.find_objects(np.isin(scene.tissue, tids).view(np.uint8))[0]
+        lo = np.array([sl.start for sl in found], dtype=np.float64)
+        hi = np.array([sl.stop for sl in found], dtype=np.float64) - 1
+        centres.append((lo + hi) / 2)
+        radii.append(float((hi - lo).max()) / 2 + 0.5)
+    means, stds, offsets = _sample_means(rng, scene)
+    texture = _sample_texture(rng, len(lut))
+    return _TaskBase(scene, scene.tissue, under, lut, is_target, centres, radii, counts.astype(np.int64),
+                     families, means, stds, offsets, texture)
+
+
+def _view_coordinates(rng: np.random.Generator, shape: tuple[int, int, int], opts: dict) -> np.ndarray:
+    """Where each voxel of a view samples the base scene: a random affine plus a smooth deformation.
+
+    The affine rotates (up to ``rotate`` degrees about a random axis), scales (U(1 - scale, 1 + scale) per
+    axis; > 1 enlarges) and shifts (up to ``translate`` of the side) about the volume centre. Returns
+    float32 (3, D, H, W) base-space coordinates (z, y, x) in voxels.
+    """
+    centre = (np.array(shape, dtype=np.float64) - 1) / 2
+    matrix = _rotation(rng, opts["rotate"]) / rng.uniform(1 - opts["scale"], 1 + opts["scale"], 3)[None, :]
+    offset = centre - matrix @ centre + rng.uniform(-1.0, 1.0, 3) * opts["translate"] * np.array(shape)
+    amplitude = opts["deform"] * min(shape) / 2.5 * rng.uniform(0.6, 1.0)  # fields have std 1, max ~2.5
+    sigma = min(shape) / rng.uniform(4.0, 7.0)
+    grid = np.ogrid[tuple(slice(0, s) for s in shape)]
+    grid = [g.astype(np.float32) for g in grid]
+    coords = np.empty((3,) + shape, dtype=np.float32)
+    for i in range(3):
+        coords[i] = (np.float32(matrix[i, 0]) * grid[0] + np.float32(matrix[i, 1]) * grid[1]
+                     + np.float32(matrix[i, 2]) * grid[2] + np.float32(offset[i]))
+        if amplitude > 0:
+            coords[i] += np.float32(amplitude) * smooth_noise(rng, shape, sigma)
+    return coords
+
+
+def _reshape_displacement(rng: np.random.Generator, coords: np.ndarray, base: _TaskBase, reshape: float
+                          ) -> np.ndarray:
+    """Extra displacement (float32 (3, D, H, W), voxels) applied to the targets only.
+
+    Each structure is resized by U(1 - reshape, 1 + reshape) per axis about its centre, with a Gaussian
+    weight of ~1.5 x its radius (so neighbours are barely touched), and every outline is perturbed by a
+    smooth field of correlation length min side / 10 and std up to ``0.1 * reshape * min side`` voxels
+    (~1 voxel at 64^3), small enough not to tear thin walls.
+    """
+    shape = coords.shape[1:]
+    disp = np.zeros_like(coords)
+    for centre, radius in zip(base.centres, base.radii, strict=True):
+        factor = (1.0 / rng.uniform(1 - reshape, 1 + reshape, 3) - 1.0).astype(np.float32)
+        rel = coords - centre.astype(np.float32)[:, None, None, None]
+        width = 1.5 * radius + 2.0
+        weight = np.exp(-(rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2) / np.float32(2 * width * width))
+        disp += rel * weight[None] * factor[:, None, None, None]
+    amplitude = 0.1 * reshape * min(shape) * rng.uniform(0.5, 1.0)
+    sigma = max(2.0, min(shape) / 10)
+    if amplitude > 0:
+        for i in range(3):
+            disp[i] += np.float32(amplitude) * smooth_noise(rng, shape, sigma)
+    return disp
+
+
+def _crop_offset(rng: np.random.Generator, labels: np.ndarray, crop: tuple[int, int, int], n: int,
+                 tries: int = 8) -> tuple[int, int, int]:
+    """A random crop offset keeping every label 1..n (all of it if the labels' bounding box fits)."""
+    shape = labels.shape
+    fg = labels > 0
+    bounds = []
+    for axis in range(3):
+        hit = np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != axis)))
+        bounds.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, shape[axis]))
+    total = np.maximum(np.bincount(labels.ravel(), minlength=n + 1)[1:n + 1], 1)
+    best: tuple[float, tuple[int, int, int]] | None = None
+    for _ in range(tries):
+        offset = []
+        for (lo, hi), size, side in zip(bounds, crop, shape, strict=True):
+            a, b = (hi - size, lo) if hi - lo <= size else (lo, hi - size)
+            a, b = max(a, 0), min(b, side - size)
+            offset.append(int(rng.integers(a, b + 1)) if a <= b else int(np.clip((lo + hi - size) // 2, 0,
+                                                                                   side - size)))
+        sub = labels[tuple(slice(o, o + c) for o, c in zip(offset, crop, strict=True))]
+        kept = float((np.bincount(sub.ravel(), minlength=n + 1)[1:n + 1] / total).min())
+        if best is None or kept > best[0]:
+            best = (kept, tuple(offset))  # type: ignore[assignment]
+        if kept >= 0.999:
+            break
+    return best[1]  # type: ignore[index]
+
+
+def _task_view(rng: np.random.Generator, base: _TaskBase, shape: tuple[int, int, int], opts: dict,
+               crop: tuple[int, int, int] | None, acquisition: tuple[int, float, float], min_voxels: int,
+               strict: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """One view of a task: warp (up to _VIEW_TRIES draws), optional crop, jittered rendering.
+
+    A draw is accepted when every label keeps at least ``min_voxels`` and its voxel count stays within
+    :data:`_VIEW_SIZE_WINDOW` of the base scene's (after the crop). With ``strict=False`` the draw closest
+    to the window is used when none is inside it (only an empty label fails). Returns (image, label) or
+    None.
+    """
+    n = len(base.counts)
+    best = None
+    for _ in range(_VIEW_TRIES):
+        coords = _view_coordinates(rng, shape, opts)
+        if opts["reshape"] > 0:
+            tissue = ndi.map_coordinates(base.under, coords, order=0, mode="constant", cval=0)
+            moved = ndi.map_coordinates(base.tissue, coords + _reshape_displacement(rng, coords, base,
+                                        opts["reshape"]), order=0, mode="constant", cval=0)
+            on_target = base.is_target[moved]
+            tissue[on_target] = moved[on_target]
+        else:
+            tissue = ndi.map_coordinates(base.tissue, coords, order=0, mode="constant", cval=0)
+        label = base.lut[tissue]
+        region = (slice(None),) * 3
+        if crop is not None:
+            offset = _crop_offset(rng, label, crop, n)
+            region = tuple(slice(o, o + c) for o, c in zip(offset, crop, strict=True))
+        counts = np.bincount(label[region].ravel(), minlength=n + 1)[1:n + 1]
+        if counts.min() < min_voxels:
+            continue
+        ratio = counts / base.counts
+        if _VIEW_SIZE_WINDOW[0] <= ratio.min() and ratio.max() <= _VIEW_SIZE_WINDOW[1]:
+            best = (0.0, tissue, label, region)
+            break
+        error = float(np.abs(np.log(ratio)).max())
+        if best is None or error < best[0]:
+            best = (error, tissue, label, region)
+    else:
+        if strict or best is None:
+            return None
+    _, tissue, label, region = best
+    means, stds = _jitter_means(rng, base.scene, base.means, base.stds, base.offsets, opts["jitter"])
+    image = _render(rng, tissue, means, stds, acquisition, texture=base.texture)
+    return image[region], label[region]
+
+
+def generate_task(shape: int | Sequence[int] = 32, seed: int = 0, n_views: int = 4,
+                  families: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+                  n_classes: int | None = None, **options) -> SyntheticTask:
+    """Generate one in-context task: ``n_views`` different "patients" with the same labelled structures.
+
+    The task is a multiclass-style scene (a body with clutter organs, unlabelled look-alike distractors and
+    ``n_classes`` labelled structures from the allowed shape families) with task-level appearance: one
+    set of per-tissue intensity means and stds, i.e. one contrast of every target against its
+    surroundings, and one slice axis. Each view is then made the way two patients differ:
+
+    * geometry: a random affine of the tissue map (rotation up to ``rotate`` = 15 degrees, scale 0.85-1.15
+      per axis, shift up to 8% of the side) composed with an independent smooth random deformation (up to
+      ``deform`` = 10% of the side, ~3 voxels at 32^3), resampled nearest-neighbour before rendering; the
+      targets get an extra per-view deformation (``reshape``: resized +-15% per axis about their centre and
+      a perturbed outline), so views are not warps of one another;
+    * appearance: the task's tissue means jittered a little (``jitter``), then its own bias field, blur,
+      thick-slice simulation, noise and gamma (:func:`_render`, as in :func:`generate_case`).
+
+    Every label is present in every view with at least max(8, 2e-4 x the voxel count) voxels, and its
+    count stays within 0.6-1.65 x its count in the task's undeformed scene (so within ~0.36-2.75 x between
+    views): a view whose draw misses that is redrawn (up to 4 times), then the whole task is redrawn (up
+    to 8 times; a 9th task draw takes each view's closest draw, which may leave the size window but never
+    drops a label). All of this is deterministic given the seed; each view has its own random stream, so
+    view ``v`` is the same whatever ``n_views``, unless a later view forced a task redraw.
+
+    With ``crop=(d, h, w)`` the views are generated at ``shape`` and each is cropped to ``(d, h, w)`` at
+    its own random offset; the offset keeps all of every target when the targets' bounding box fits in the
+    crop (otherwise the best of 8 random offsets, and the size window above still applies to what is
+    kept).
+
+    Arguments:
+      shape (int | Sequence[int]): generation shape (D, H, W) in voxels, or one int for a cube; each >= 16.
+      seed (int): non-negative seed; the same seed gives identical arrays.
+      n_views (int): number of views V, >= 1.
+      families (Iterable[str] | None): shape families to draw from (default: all), see :data:`FAMILIES`.
+      exclude (Iterable[str] | None): shape families to hold out (never drawn, not even as distractors).
+      n_classes (int | None): number of labels N, 1..5 (a ``nested`` structure gives two labels, or one
+        when drawn for the last label); random in 1..3 if None.
+      **options: see :func:`task_options` (``deform``, ``rotate``, ``scale``, ``translate``, ``reshape``,
+        ``jitter``, ``crop``, ``oblique``, ``thick_slice``, ``distractors``).
+
+    Returns:
+      SyntheticTask: images float32 (V, D, H, W) in [0, 1] and labels uint8 (V, D, H, W) (D, H, W = the
+      crop if given), label families and names, task-level spacing (x, y, z) mm, direction and origin.
+
+    Raises:
+      InputError: bad shape, seed, n_views, n_classes, family, option or crop.
+    """
+    opts = task_options(**options)
+    shape = _as_shape(shape)
+    seed = _check_seed(seed)
+    allowed = resolve_families(families, exclude)
+    if isinstance(n_views, bool) or not isinstance(n_views, (int, np.integer)) or int(n_views) < 1:
+        raise InputError(f"n_views must be a positive integer, got {n_views!r}")
+    if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer))
+                                  or not 1 <= int(n_classes) <= 5):
+        raise InputError(f"n_classes must be an integer in 1..5 or None, got {n_classes!r}")
+    crop = opts["crop"]
+    if crop is not None:
+        try:
+            crop = (int(crop),) * 3 if isinstance(crop, (int, np.integer)) else tuple(int(c) for c in crop)
+        except (TypeError, ValueError):
+            crop = ()
+        if len(crop) != 3 or not all(8 <= c <= s for c, s in zip(crop, shape, strict=True)):
+            raise InputError(f"crop must be three ints (d, h, w), each in 8..the shape {shape}, "
+                             f"got {opts['crop']!r}")
+    n_views = int(n_views)
+    n_classes = None if n_classes is None else int(n_classes)
+    min_voxels = max(8, int(2e-4 * np.prod(shape)))
+
+    for attempt in range(_TASK_ATTEMPTS + 1):
+        strict = attempt < _TASK_ATTEMPTS
+        rng = np.random.default_rng(np.random.SeedSequence([seed, _TASK_TAG, attempt]))
+        spacing, direction, origin, slice_axis, ratio = _random_geometry(rng, opts["oblique"])
+        acquisition = (slice_axis, ratio, opts["thick_slice"])
+        base = _task_base(rng, shape, allowed, n_classes, opts["distractors"], min_voxels)
+        if base is None:
+            continue
+        views = []
+        for v in range(n_views):
+            view_rng = np.random.default_rng(np.random.SeedSequence([seed, _TASK_TAG, attempt, 1 + v]))
+            view = _task_view(view_rng, base, shape, opts, crop, acquisition, min_voxels, strict)
+            if view is None:
+                break
+            views.append(view)
+        if len(views) == n_views:
+            break
+    else:  # pragma: no cover - every attempt failing would be a generator bug
+        raise RuntimeError(f"could not generate a valid task for seed {seed}")
+
+    n = len(base.counts)
+    return SyntheticTask(
+        images=np.ascontiguousarray(np.stack([im for im, _ in views]), dtype=np.float32),
+        labels=np.ascontiguousarray(np.stack([lab for _, lab in views]), dtype=np.uint8),
+        families={i: base.families[i] for i in range(1, n + 1)},
+        label_names={i: f"structure_{i}" for i in range(1, n + 1)},
+        spacing=spacing,
+        direction=direction,
+        origin=origin,
         seed=seed,
     )
 
@@ -1400,3 +1840,61 @@ def preview(mode: str, out_png: str | os.PathLike, seeds: Sequence[int] = (0, 1)
     size = "x".join(str(v) for v in _as_shape(shape))
     grid = "physical aspect" if physical_aspect else "voxel grid, square voxels"
     return triplanar_overlays(panels, out_png, title=f"irisseg synthetic: {mode} ({size}, {grid})")
+def preview_task(out_png: str | os.PathLike, seed: int = 0, shape: int | Sequence[int] = 64, n_views: int = 4,
+                 families: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+                 n_classes: int | None = None, **options) -> Path:
+    """Write a PNG of the views of one task side by side: per view, the axial slice through the targets.
+
+    Top row: the image alone (so the target's contrast can be judged); bottom row: the same slice with the
+    label contours. The slice is the axial plane (array axis 0) through the centre of mass of label 1 in
+    that view, so every column cuts the same structure.
+
+    Arguments:
+      out_png (str | os.PathLike): output PNG path (parent folders are created; written atomically).
+      seed (int): task seed. shape (int | Sequence[int]): generation shape (D, H, W).
+      n_views (int): views shown (one column each).
+      families, exclude, n_classes, **options: as :func:`generate_task`.
+
+    Returns:
+      Path: ``out_png``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    from irisseg.viz import COLOURS
+
+    task = generate_task(shape, seed, n_views, families=families, exclude=exclude, n_classes=n_classes, **options)
+    fig = Figure(figsize=(2.3 * task.n_views, 5.0), dpi=110)
+    axes = fig.subplots(2, task.n_views, squeeze=False)
+    for v in range(task.n_views):
+        image, label = task.images[v], task.labels[v]
+        z = int(round(float(np.argwhere(label == 1)[:, 0].mean())))
+        counts = np.bincount(label.ravel(), minlength=len(task.families) + 1)[1:]
+        for row in range(2):
+            ax = axes[row, v]
+            ax.imshow(image[z], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            if row == 1:
+                for lab in task.families:
+                    m = label[z] == lab
+                    if m.any() and not m.all():
+                        ax.contour(m.astype(np.float32), levels=[0.5], colors=[COLOURS[(lab - 1) % len(COLOURS)]],
+                                   linewidths=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, v].set_title(f"view {v} (axial z={z})", fontsize=8)
+        axes[1, v].set_xlabel("voxels: " + ", ".join(str(int(c)) for c in counts), fontsize=7)
+    handles = [Patch(color=COLOURS[(lab - 1) % len(COLOURS)], label=f"{lab}: {fam}")
+               for lab, fam in task.families.items()]
+    axes[1, -1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, frameon=False)
+    size = "x".join(str(s) for s in task.images.shape[1:])
+    fig.suptitle(f"irisseg synthetic task: seed {seed}, {task.n_views} views ({size}), one task = same structures "
+                 "and contrast, different 'patients'", fontsize=9)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight")
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,1 @@
+"""Training: Lightning modules and callbacks, one per task family, sharing one engine."""

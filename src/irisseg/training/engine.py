@@ -1,0 +1,113 @@
+"""The one training engine every irisseg pipeline uses: a Lightning Trainer with CSV (+ TensorBoard when
+installed) logs, a progress bar, resumable checkpoints, and bf16 autocast on GPUs.
+
+Resumable checkpoints (``RUN/checkpoints/last.ckpt``) are Lightning's own files for the run's own use;
+they are loaded with ``weights_only=True``. What users share are the exported model folders
+(``config.json`` + ``model.safetensors``), never these.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from irisseg.errors import InputError
+
+
+def resolve_device(device: str) -> str:
+    """``"cpu"``, ``"cuda"`` or ``"auto"`` -> the accelerator to use; InputError if CUDA is asked but absent."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is available on this machine")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device: expected cpu, cuda or auto, got {device!r}")
+    return device
+
+
+def loggers(run_dir: Path) -> list:
+    """CSV logger always; TensorBoard too when the ``tensorboard`` package is installed."""
+    # a new logs/version_N per (re)start, so resuming never overwrites earlier metrics
+    out = [CSVLogger(str(run_dir), name="logs")]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        import tensorboard  # noqa: F401
+
+        out.append(TensorBoardLogger(str(run_dir), name="tensorboard"))
+    except ImportError:
+        pass
+    return out
+
+
+def make_trainer(
+    run_dir: str | Path,
+    *,
+    max_steps: int = -1,
+    max_epochs: int | None = None,
+    device: str = "auto",
+    val_check_interval: int | float | None = None,
+    checkpoint_every_n_steps: int | None = None,
+    gradient_clip_val: float | None = 1.0,
+    accumulate_grad_batches: int = 1,
+    callbacks: list[Callback] | None = None,
+    progress: bool = True,
+    log_every_n_steps: int = 10,
+) -> L.Trainer:
+    """Build the Trainer every irisseg pipeline uses.
+
+    Arguments:
+      run_dir: output folder (logs in ``logs/metrics.csv``, ``tensorboard/``; resumable ``checkpoints/last.ckpt``).
+      max_steps / max_epochs: training length.
+      device: ``"cpu"``, ``"cuda"`` or ``"auto"``; on CUDA the precision is ``bf16-mixed``.
+      val_check_interval: validate every this many steps (int) or fraction of an epoch (float).
+      checkpoint_every_n_steps: save ``last.ckpt`` every this many steps (default: at each validation/epoch).
+      gradient_clip_val: gradient-norm clipping (1.0 by default).
+      callbacks: extra callbacks (e.g. model export, early stopping).
+    """
+    run_dir = Path(run_dir)
+    accelerator = resolve_device(device)
+    ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                           every_n_train_steps=checkpoint_every_n_steps, save_on_train_epoch_end=checkpoint_every_n_steps is None)
+    bar: list[Callback] = []
+    if progress:
+        try:
+            bar = [RichProgressBar(leave=True)]
+        except (ImportError, ModuleNotFoundError):  # pragma: no cover - rich is a dependency
+            bar = [TQDMProgressBar()]
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
+    return L.Trainer(
+        default_root_dir=str(run_dir),
+        accelerator=accelerator,
+        devices=1,
+        precision="bf16-mixed" if accelerator == "cuda" else "32-true",
+        max_steps=max_steps,
+        max_epochs=max_epochs if max_epochs is not None else (-1 if max_steps > 0 else None),
+        val_check_interval=val_check_interval,
+        check_val_every_n_epoch=None if isinstance(val_check_interval, int) else 1,
+        gradient_clip_val=gradient_clip_val,
+        accumulate_grad_batches=accumulate_grad_batches,
+        callbacks=[ckpt, *bar, *(callbacks or [])],
+        logger=loggers(run_dir),
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=log_every_n_steps,
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+
+
+def resume_path(run_dir: str | Path, resume: bool) -> str | None:
+    """``RUN/checkpoints/last.ckpt`` when resuming (InputError if there is none), else None."""
+    path = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not resume:
+        return None
+    if not path.is_file():
+        raise InputError(f"{path}: nothing to resume (no last checkpoint in {run_dir})")
+    return str(path)
