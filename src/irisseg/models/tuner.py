@@ -47,6 +47,30 @@ def _autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def _crop_to_foreground(features: list[torch.Tensor], target: torch.Tensor, margin: int):
+    """Crop every feature map and the target to the foreground box (+ margin) on the coarsest grid.
+
+    features: maps at strides 1, 2, 4, ..., S (S = the encoder's total stride); target: (BK, N, D, H, W).
+    """
+    stride = target.shape[-1] // features[-1].shape[-1]
+    fg = target.amax(dim=(0, 1)) > 0
+    if not fg.any():
+        return features, target
+    m = -(-margin // stride)  # margin in coarse voxels, rounded up
+    lo, hi = [], []
+    for axis in range(3):
+        idx = fg.any(dim=tuple(a for a in range(3) if a != axis)).nonzero()[:, 0]
+        n = features[-1].shape[-3 + axis]
+        lo.append(max(int(idx.min()) // stride - m, 0))
+        hi.append(min(int(idx.max()) // stride + 1 + m, n))
+
+    def crop(t: torch.Tensor, factor: int) -> torch.Tensor:
+        return t[..., lo[0] * factor:hi[0] * factor, lo[1] * factor:hi[1] * factor, lo[2] * factor:hi[2] * factor]
+
+    cropped = [crop(f, f.shape[-1] // features[-1].shape[-1]) for f in features]
+    return cropped, crop(target, stride)
+
+
 def tune_task(
     model: nn.Module,
     task: TaskEmbedding,
@@ -55,6 +79,7 @@ def tune_task(
     steps: int = 10,
     lr: float = 1e-3,
     history: list[float] | None = None,
+    crop_margin: int | None = 8,
 ) -> TaskEmbedding:
     """Optimise a task embedding on its supports (in-context tuning); the model stays frozen.
 
@@ -80,6 +105,9 @@ def tune_task(
       lr (float): Adam learning rate (1e-3).
       history (list[float] | None): when given, receives the loss before each step and, last, the loss
         after the final step (``steps + 1`` values).
+      crop_margin (int | None): decode only the box around the supports' foreground, grown by this many
+        voxels and aligned to the encoder's stride (features are still computed on the whole images, then
+        cropped), which makes each step several times cheaper on large grids; None decodes everything.
 
     Returns:
       TaskEmbedding: detached float32 tensors on the model's device, same shapes as ``task``. Of the
@@ -106,6 +134,8 @@ def tune_task(
         target = rearrange(support_masks.detach().clone().to(device).float(), "b k n d h w -> (b k) n d h w")
         with torch.no_grad(), _autocast(device):
             features = [f.detach() for f in model.encoder(images)]
+        if crop_margin is not None:
+            features, target = _crop_to_foreground(features, target, crop_margin)
 
         def loss_of(tensors: list[torch.Tensor]) -> torch.Tensor:
             # One task per support: repeat the batch-B embedding K times, (B, ...) -> (B*K, ...).
