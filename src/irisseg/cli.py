@@ -323,6 +323,291 @@ def demo(
 
 
 # ---------------------------------------------------------------------------------------------------
+# segment (in-context) and the class memory bank
+# ---------------------------------------------------------------------------------------------------
+def _volume_stem(path: Path) -> str:
+    """A file's name without its volume ending (``case_0000.nii.gz`` -> ``case_0000``); a folder's name."""
+    from irisseg.io import volume_suffix
+
+    suffix = volume_suffix(path)
+    if suffix:
+        return path.name[: len(path.name) - len(suffix)]
+    return path.name if path.is_dir() else path.stem
+
+
+def _read_supports(supports: list[Path] | None, masks: list[Path] | None):
+    """Read support images and masks (paired in order); check counts, files and mask geometry.
+
+    Returns ``(images, masks, names)``: Volumes and ``(image path, mask path)`` pairs for messages. Empty or
+    non-binary masks are left to :meth:`InContextSegmenter.set_support`, which knows the labels asked for.
+    """
+    from irisseg.io import read_mask, read_volume
+
+    supports, masks = list(supports or []), list(masks or [])
+    if len(supports) != len(masks):
+        raise InputError(
+            f"{len(supports)} --support image(s) but {len(masks)} --support-mask file(s): "
+            "give one mask per support image, in the same order"
+        )
+    images, maps, names = [], [], []
+    for image_path, mask_path in zip(supports, masks, strict=True):
+        image = read_volume(image_path)
+        maps.append(read_mask(mask_path, reference=image, reference_name=image_path, allow_empty=True))
+        images.append(image)
+        names.append((str(image_path), str(mask_path)))
+    return images, maps, names
+
+
+def _segment_targets(queries: list[Path], out: Path) -> list[Path]:
+    """Output path of each query: OUT itself (one query, OUT with a volume ending) or OUT/<stem>_seg.nii.gz."""
+    from irisseg.io import volume_suffix
+
+    if volume_suffix(out):
+        if len(queries) > 1:
+            raise InputError(
+                f"--out {out}: with {len(queries)} queries --out must be a folder (each output is named <query>_seg.nii.gz)"
+            )
+        if out.is_dir():
+            raise InputError(f"--out {out}: is a folder; give a file name or a folder without a volume ending")
+        targets = [out]
+    else:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out}: exists and is not a folder")
+        targets = [out / f"{_volume_stem(q)}_seg.nii.gz" for q in queries]
+        seen: dict[Path, Path] = {}
+        for q, t in zip(queries, targets, strict=True):
+            if t in seen:
+                raise InputError(f"queries {seen[t]} and {q} would both be written to {t}: put them in separate runs")
+            seen[t] = q
+    return targets
+
+
+def _probability_paths(target: Path, labels: list[int]) -> list[Path]:
+    """``seg.nii.gz`` -> ``seg_prob.nii.gz`` (one class) or ``seg_prob_<label>.nii.gz`` per class."""
+    from irisseg.io import volume_suffix
+
+    suffix = volume_suffix(target)
+    base = target.name[: len(target.name) - len(suffix)]
+    if len(labels) == 1:
+        return [target.with_name(f"{base}_prob{suffix}")]
+    return [target.with_name(f"{base}_prob_{label}{suffix}") for label in labels]
+
+
+def _staging_dir(dest: Path) -> Path:
+    """A temporary folder on the same file system as ``dest`` (in its nearest existing ancestor)."""
+    import tempfile
+
+    anchor = dest.absolute()
+    while not anchor.exists():
+        anchor = anchor.parent
+    return Path(tempfile.mkdtemp(prefix=".irisseg-segment-", dir=anchor))
+
+
+@app.command()
+def segment(
+    query: Annotated[list[Path], typer.Option("--query", help="Image to segment (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", help="Output file (one query) or folder (<query>_seg.nii.gz per query).")],
+    support: Annotated[list[Path] | None, typer.Option("--support", help="Support image (repeatable), paired in order with --support-mask.")] = None,
+    support_mask: Annotated[list[Path] | None, typer.Option("--support-mask", help="Mask of the support image (repeatable), same geometry as it.")] = None,
+    model: Annotated[str, typer.Option("--model", help="'starter' (packaged weights) or a trained model / run folder.")] = "starter",
+    strategy: Annotated[str, typer.Option("--strategy", help="one-shot | ensemble | tune | memory")] = "ensemble",
+    class_names: Annotated[list[str] | None, typer.Option("--class", help="Stored class to segment, --strategy memory only (repeatable).")] = None,
+    label: Annotated[list[int] | None, typer.Option("--label", help="Label of the support masks to segment (repeatable: one output label each).")] = None,
+    tune_steps: Annotated[int, typer.Option("--tune-steps", min=0, help="Adam steps of --strategy tune.")] = 10,
+    threshold: Annotated[float, typer.Option("--threshold", help="Foreground probability threshold, in (0, 1).")] = 0.5,
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 probability maps (<out>_prob[_<label>]).")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto (bf16 autocast on cuda).")] = "cpu",
+) -> None:
+    """Segment queries by example: from labelled supports, or from a class stored in the model's memory.
+
+    Supports and queries may have any shape, spacing, origin and direction; each output is a label map in
+    its query's exact geometry (uint8: 0 background, 1 for a binary support mask, or the --label values).
+    A multi-label support mask needs --label. --strategy memory takes --class instead of supports.
+    Outputs are written only once every query has been segmented; bad input writes nothing.
+    """
+    import os
+    import shutil
+    import time
+
+    from irisseg.incontext import STRATEGIES, InContextSegmenter, load_model
+    from irisseg.io import read_volume, write_volume
+
+    if strategy not in STRATEGIES:
+        raise InputError(f"--strategy: unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    if strategy == "memory":
+        if not class_names:
+            raise InputError("--strategy memory needs --class NAME (a class stored with 'irisseg memory add')")
+        if support or support_mask:
+            raise InputError("--strategy memory takes no --support/--support-mask (the classes come from the model's memory)")
+        if label and len(label) != len(class_names):
+            raise InputError(f"{len(label)} --label value(s) for {len(class_names)} --class name(s): give one label per class")
+    else:
+        if class_names:
+            raise InputError("--class is only used with --strategy memory (store a class with 'irisseg memory add')")
+        if not support and not support_mask:
+            raise InputError("give --support IMAGE --support-mask MASK (repeatable), or use --strategy memory --class NAME")
+    targets = _segment_targets(query, out)
+    inputs = {Path(p).absolute() for p in [*query, *(support or []), *(support_mask or [])]}
+    for q in query:
+        if not q.exists():
+            raise InputError(f"{q}: no such file or folder")
+    for t in targets:
+        if t.absolute() in inputs:
+            raise InputError(f"--out {t}: would overwrite an input file")
+    images, masks, names = _read_supports(support, support_mask)
+
+    net = load_model(model, device=device)
+    seg = InContextSegmenter(net, device=device, strategy=strategy, tune_steps=tune_steps, threshold=threshold)
+    if strategy == "memory":
+        seg.set_memory(class_names, labels=label)
+    else:
+        seg.set_support(images, masks, labels=label, names=names)
+    console.print(
+        f"task: {strategy}, {len(images) if images else 'no'} support(s), classes "
+        f"{', '.join(seg.class_names or [str(v) for v in seg.labels])}; encoding {seg.timings['support']:.2f} s"
+        + (f", tuning {seg.timings['tune']:.2f} s" if strategy == "tune" else "")
+    )
+
+    staging = _staging_dir(targets[0].parent)
+    rows, files = [], []  # files: (staged path, final path)
+    try:
+        for q, target in zip(query, targets, strict=True):
+            t0 = time.perf_counter()
+            volume = read_volume(q)
+            probs = seg.predict_probabilities(volume, name=str(q))
+            labels_vol = seg.labels_from_probabilities(probs)
+            staged = write_volume(labels_vol, staging / f"{len(files)}" / target.name)
+            files.append((staged, target))
+            if probabilities:
+                for p, path in zip(probs, _probability_paths(target, seg.labels), strict=True):
+                    files.append((write_volume(p, staging / f"{len(files)}" / path.name), path))
+            ml = {v: float((labels_vol.array == v).sum()) * volume.voxel_volume_ml for v in seg.labels}
+            rows.append((q.name, str(target), time.perf_counter() - t0, ml))
+        # Every query succeeded: move the outputs into place (data files before their headers).
+        for staged, final in files:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            for written in sorted(staged.parent.iterdir(), key=lambda p: p.name == staged.name):
+                os.replace(written, final.parent / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    table = Table(title=f"irisseg segment ({strategy})", title_justify="left")
+    for column, justify in (("query", "left"), ("output", "left"), ("seconds", "right"), ("foreground ml", "right")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for q, target, seconds, ml in rows:
+        fg = f"{next(iter(ml.values())):.3f}" if len(ml) == 1 else ", ".join(f"{k}: {v:.3f}" for k, v in ml.items())
+        table.add_row(q, target, f"{seconds:.2f}", fg)
+    console.print(table)
+
+
+memory_app = typer.Typer(
+    name="memory",
+    help="The class memory bank of a model folder: named task embeddings for --strategy memory.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(memory_app, name="memory")
+
+
+def _memory_folder(model: str, modify: bool) -> Path:
+    """The model folder whose ``memory.safetensors`` to use; the packaged starter folder is read-only."""
+    from irisseg.incontext import is_starter_dir, resolve_model_dir
+
+    folder = resolve_model_dir(model)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: not a model folder (config.json is missing)")
+    if modify and is_starter_dir(folder):
+        raise InputError(
+            f"{folder}: the packaged starter weights are read-only; copy the folder first "
+            "(e.g. cp -r <starter> my_model) and pass the copy with --model"
+        )
+    return folder
+
+
+def _load_bank(folder: Path):
+    """The folder's memory bank (an empty one, with the model's momentum, when there is no file yet)."""
+    from irisseg.models.iris import IrisConfig
+    from irisseg.models.memory import ClassMemoryBank
+
+    path = folder / "memory.safetensors"
+    if not path.is_file():
+        try:
+            momentum = IrisConfig.from_dict(json.loads((folder / "config.json").read_text())).memory_momentum
+        except (json.JSONDecodeError, TypeError, ValueError):
+            raise InputError(f"{folder / 'config.json'}: unreadable model config") from None
+        return ClassMemoryBank(momentum)
+    try:
+        return ClassMemoryBank.load(path)
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise InputError(f"{path}: cannot read the memory bank ({' '.join(str(exc).split())[:200]})") from None
+
+
+@memory_app.command("add")
+def memory_add(
+    model: Annotated[str, typer.Option("--model", help="Trained model (or run) folder; its memory.safetensors is updated.")],
+    name: Annotated[str, typer.Option("--name", help="Class name, e.g. liver.")],
+    support: Annotated[list[Path] | None, typer.Option("--support", help="Support image (repeatable).")] = None,
+    support_mask: Annotated[list[Path] | None, typer.Option("--support-mask", help="Its mask, same geometry (repeatable).")] = None,
+    label: Annotated[int | None, typer.Option("--label", help="Label of the support masks to store (needed for multi-label masks).")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "cpu",
+) -> None:
+    """Encode the supports (ensemble over them) and store the task embedding under NAME.
+
+    A new class stores the embedding as is; an existing one is updated as an exponential moving average
+    (momentum from the bank, 0.999 by default). Writes MODEL/memory.safetensors atomically; the packaged
+    starter weights are never modified (copy the folder first).
+    """
+    from irisseg.incontext import InContextSegmenter, load_model
+
+    name = name.strip()
+    if not name:
+        raise InputError("--name: give a non-empty class name")
+    folder = _memory_folder(model, modify=True)
+    if not support and not support_mask:
+        raise InputError("memory add needs --support IMAGE --support-mask MASK (repeatable)")
+    images, masks, names = _read_supports(support, support_mask)
+    net = load_model(folder, device=device)
+    net.memory = _load_bank(folder)
+    seg = InContextSegmenter(net, device=device, strategy="ensemble")
+    task = seg.set_support(images, masks, labels=None if label is None else [label], names=names)
+    net.memory.update(name, task)
+    net.memory.save(folder / "memory.safetensors")
+    console.print(f"stored class {name!r} in {folder / 'memory.safetensors'} (update {net.memory.counts[name]}, "
+                  f"{len(images)} support(s))")
+
+
+@memory_app.command("list")
+def memory_list(
+    model: Annotated[str, typer.Option("--model", help="Model folder, run folder or 'starter'.")] = "starter",
+) -> None:
+    """The classes stored in a model's memory bank and how many updates each has had."""
+    folder = _memory_folder(model, modify=False)
+    bank = _load_bank(folder)
+    table = Table(title=f"memory of {folder}", title_justify="left")
+    table.add_column("class")
+    table.add_column("updates", justify="right")
+    for name in bank.names():
+        table.add_row(name, str(bank.counts[name]))
+    if not len(bank):
+        table.add_row("-", "no class stored")
+    console.print(table)
+
+
+@memory_app.command("remove")
+def memory_remove(
+    model: Annotated[str, typer.Option("--model", help="Model folder or run folder.")],
+    name: Annotated[str, typer.Option("--name", help="Class to remove.")],
+) -> None:
+    """Remove a class from a model's memory bank (MODEL/memory.safetensors is rewritten atomically)."""
+    folder = _memory_folder(model, modify=True)
+    bank = _load_bank(folder)
+    bank.remove(name)
+    bank.save(folder / "memory.safetensors")
+    console.print(f"removed class {name!r} from {folder / 'memory.safetensors'}")
+
+
+# ---------------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------------
 @app.callback(invoke_without_command=True)

@@ -60,7 +60,7 @@ def run_demo(out: str | Path, model_name: str = "starter", device: str = "cpu", 
     """
     from irisseg.incontext import InContextSegmenter, load_model
     from irisseg.metrics import dice, hd95
-    from irisseg.viz import triplanar_overlays
+    from irisseg.viz import mask_centre, triplanar_overlays
 
     out = Path(out)
     model = load_model(model_name, device=device)
@@ -103,9 +103,11 @@ def run_demo(out: str | Path, model_name: str = "starter", device: str = "cpu", 
                "spacing": ex.query.spacing_zyx, "row_title": "support 0"},
               {"image": ex.query.array, "masks": {"reference": ex.reference.array}, "spacing": ex.query.spacing_zyx,
                "row_title": "query: reference"}]
+    centre = mask_centre({"reference": ex.reference.array}, ex.query.shape)  # same slices in every query row
+    panels[1]["centre"] = centre
     for strategy, pred in predictions.items():
         panels.append({"image": ex.query.array, "masks": {"reference": ex.reference.array, strategy: pred.array},
-                       "spacing": ex.query.spacing_zyx, "fill": False,
+                       "spacing": ex.query.spacing_zyx, "fill": False, "centre": centre,
                        "row_title": f"{strategy}: Dice {results[strategy]['dice']:.3f}"})
     overlay = triplanar_overlays(panels, out / "overlays.png",
                                  title=f"irisseg demo: held-out family '{ex.family}', model {model_name}")

@@ -66,7 +66,7 @@ def mask_centre(masks: Mapping[str, np.ndarray], shape: Sequence[int]) -> tuple[
     """Voxel (z, y, x) nearest the centre of mass of the union of ``masks``; the volume centre if empty.
 
     Arguments:
-      masks (Mapping[str, np.ndarray]): bool masks (D, H, W).
+      masks (Mapping[str, np.ndarray]): masks (D, H, W), non-zero = inside.
       shape (Sequence[int]): volume shape (D, H, W).
 
     Returns:
@@ -74,7 +74,7 @@ def mask_centre(masks: Mapping[str, np.ndarray], shape: Sequence[int]) -> tuple[
     """
     union = np.zeros(tuple(shape), dtype=bool)
     for mask in masks.values():
-        union |= mask
+        union |= np.asarray(mask) != 0
     if not union.any():
         return tuple(int(s) // 2 for s in shape)  # type: ignore[return-value]
     com = np.argwhere(union).mean(axis=0)

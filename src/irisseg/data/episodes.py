@@ -152,7 +152,9 @@ class SyntheticEpisodes(_SeededStream):
     all different views (deformed, re-rendered "patients") of the task, then augmented.
 
     Arguments:
-      shape (int | tuple): grid (D, H, W) of every volume (multiples of 8 for the model).
+      shape (int | tuple): grid (D, H, W) the tasks are generated on.
+      crop (int | tuple | None): crop every view to this grid (multiples of 8 for the model), at a random
+        offset that keeps the targets: structures fill more of the field of view than on the full grid.
       max_support (int): largest K. n_query (int): queries per episode. max_classes (int): largest N.
       families, exclude: shape families to use / hold out (see :mod:`irisseg.data.synthetic`).
       seed (int): base seed. augment (AugmentConfig | None): augmentation, None for none.
@@ -160,11 +162,12 @@ class SyntheticEpisodes(_SeededStream):
 
     def __init__(self, shape: int | Sequence[int] = 32, max_support: int = 3, n_query: int = 2, max_classes: int = 3,
                  families: Sequence[str] | None = None, exclude: Sequence[str] | None = None, seed: int = 0,
-                 augment: AugmentConfig | None = AugmentConfig()):
+                 augment: AugmentConfig | None = AugmentConfig(), crop: int | Sequence[int] | None = None):
         super().__init__(seed)
         from irisseg.data.synthetic import resolve_families
 
         self.shape = shape
+        self.crop = None if crop is None else ((crop,) * 3 if isinstance(crop, int) else tuple(crop))
         self.max_support, self.n_query, self.max_classes = max_support, n_query, max_classes
         self.families = list(resolve_families(families, exclude))
         self.augment = augment
@@ -174,7 +177,8 @@ class SyntheticEpisodes(_SeededStream):
 
         k = int(rng.integers(1, self.max_support + 1))
         task = generate_task(shape=self.shape, seed=int(rng.integers(2**31)), n_views=k + self.n_query,
-                             families=self.families, n_classes=int(rng.integers(1, self.max_classes + 1)))
+                             families=self.families, n_classes=int(rng.integers(1, self.max_classes + 1)),
+                             **({"crop": self.crop} if self.crop else {}))
         labels = sorted(task.families)
         keep = sorted(rng.choice(labels, size=int(rng.integers(1, len(labels) + 1)), replace=False).tolist())
         ep = make_episode(task.images, task.labels, keep, [task.families[i] for i in keep], k)

@@ -87,6 +87,9 @@ class MaskDecoder(nn.Module):
             UpStage(c1, c0 + extra, c0, dim),
         ])
         self.head = nn.Conv3d(c0, 1, 1)
+        # Prototype prior: a learnable weight per scale on (fg - bg) similarity, added to the logits, so an
+        # untrained decoder already predicts "voxels that look like the support's foreground".
+        self.prior_weight = nn.Parameter(torch.full((len(channels),), 2.0)) if use_similarity else None
 
     def forward(self, features: list[torch.Tensor], task: TaskEmbedding) -> torch.Tensor:
         """
@@ -99,9 +102,13 @@ class MaskDecoder(nn.Module):
         """
         B, N = task.tokens.shape[:2]
         per_class = [repeat(f, "b c d h w -> (b n) c d h w", n=N) for f in features]
+        prior = None
         if self.use_similarity:
-            per_class = [torch.cat([f, prototype_similarity(q, p)], dim=1)
-                         for f, q, p in zip(per_class, features, task.prototypes)]
+            sims = [prototype_similarity(q, p) for q, p in zip(features, task.prototypes)]
+            per_class = [torch.cat([f, sim], dim=1) for f, sim in zip(per_class, sims)]
+            size = features[0].shape[-3:]
+            prior = sum(w * F.interpolate(sim[:, :1] - sim[:, 1:], size=size, mode="trilinear", align_corners=False)
+                        for w, sim in zip(self.prior_weight, sims))
         x = self.bottleneck(per_class[-1])
         d, h, w = x.shape[-3:]
         tokens = rearrange(task.tokens, "b n t c -> (b n) t c").to(x.dtype)
@@ -110,4 +117,5 @@ class MaskDecoder(nn.Module):
         summary = tokens.mean(dim=1)
         for stage, skip in zip(self.stages, reversed(per_class[:-1])):
             x = stage(x, skip, summary)
-        return rearrange(self.head(x), "(b n) 1 d h w -> b n d h w", n=N)
+        logits = self.head(x) if prior is None else self.head(x) + prior.to(x.dtype)
+        return rearrange(logits, "(b n) 1 d h w -> b n d h w", n=N)

@@ -33,14 +33,16 @@ class IncontextTrainConfig:
 
     Attributes:
       model: registry name (``iris-small``, ``iris-base``); model_overrides: IrisConfig fields to change.
-      shape: training grid side (voxels); episodes are whole volumes of ``shape^3``.
+      shape: side (voxels) of the grid synthetic tasks are generated on (and dataset cases resampled to).
+      crop: side of the training grid when synthetic views are cropped from ``shape^3`` (None: no crop).
       max_support: largest K; n_query: queries per step; max_classes: largest N per episode.
       families / holdout_families: shape families for synthetic training / held out for validation.
       synthetic_fraction: share of synthetic episodes when datasets are given too.
       lr, weight_decay, warmup_steps, max_steps, grad_clip: optimisation (AdamW + cosine schedule).
       val_every, val_tasks: validation period (steps) and number of held-out validation tasks.
       checkpoint_every: save the resumable checkpoint every this many steps.
-      num_workers: DataLoader workers generating episodes; seed: base seed.
+      num_workers: DataLoader workers generating episodes; num_threads: torch threads of the training
+        process (None: torch's default; 1 avoids thread thrashing on a busy 2-core machine); seed: base seed.
       init_from: a model folder (config.json + model.safetensors) whose weights and memory bank start the
         run (e.g. to continue training the starter weights); its architecture replaces ``model``.
     """
@@ -48,6 +50,7 @@ class IncontextTrainConfig:
     model: str = "iris-small"
     model_overrides: dict = field(default_factory=dict)
     shape: int = 32
+    crop: int | None = None
     max_support: int = 3
     n_query: int = 2
     max_classes: int = 3
@@ -63,6 +66,7 @@ class IncontextTrainConfig:
     val_tasks: int = 16
     checkpoint_every: int = 100
     num_workers: int = 1
+    num_threads: int | None = None
     seed: int = 0
     augment: bool = True
     init_from: str | None = None
@@ -212,7 +216,7 @@ class ExportModels(L.Callback):
 def validation_episodes(cfg: IncontextTrainConfig, families: list[str]) -> list[dict]:
     """A fixed list of one-shot episodes (K = 1, one query) from ``families``, the same every run."""
     stream = SyntheticEpisodes(shape=cfg.shape, max_support=1, n_query=1, max_classes=1, families=families,
-                               seed=cfg.seed + 10_000, augment=None)
+                               seed=cfg.seed + 10_000, augment=None, crop=cfg.crop)
     it = iter(stream)
     return [next(it) for _ in range(cfg.val_tasks)]
 
@@ -230,8 +234,10 @@ def train_incontext(cfg: IncontextTrainConfig, out: str | Path, data: list[str] 
     from irisseg.data.synthetic import FAMILIES, resolve_families
 
     out = Path(out)
-    if cfg.shape % 8:
-        raise InputError(f"shape must be a multiple of 8, got {cfg.shape}")
+    if (cfg.crop or cfg.shape) % 8:
+        raise InputError(f"the training grid must be a multiple of 8, got {cfg.crop or cfg.shape}")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     if not data and not synthetic:
         raise InputError("nothing to train on: give --data DIR and/or --synthetic")
     ckpt = resume_path(out, resume)
@@ -242,7 +248,7 @@ def train_incontext(cfg: IncontextTrainConfig, out: str | Path, data: list[str] 
     streams, weights = [], []
     if synthetic:
         streams.append(SyntheticEpisodes(cfg.shape, cfg.max_support, cfg.n_query, cfg.max_classes,
-                                         families=train_families, seed=cfg.seed, augment=augment))
+                                         families=train_families, seed=cfg.seed, augment=augment, crop=cfg.crop))
         weights.append(cfg.synthetic_fraction if data else 1.0)
     if data:
         streams.append(DatasetEpisodes(data, cfg.shape, cfg.max_support, cfg.n_query, seed=cfg.seed + 1, augment=augment))
