@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from irisseg.cli import main
-from irisseg.io import Volume, read_volume, write_volume
+from irisseg.io import Volume, write_volume
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:

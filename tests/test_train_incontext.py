@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from irisseg.cli import main
-from irisseg.data.episodes import SyntheticEpisodes, augment_episode, AugmentConfig
+from irisseg.data.episodes import AugmentConfig, SyntheticEpisodes, augment_episode
 from irisseg.errors import InputError
 from irisseg.io import Volume, read_volume, same_geometry, write_volume
 from irisseg.training.incontext import IncontextTrainConfig

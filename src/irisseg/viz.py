@@ -171,7 +171,8 @@ def _rgba(colour: str, alpha: float) -> tuple[float, float, float, float]:
     return (r, g, b, alpha)
 
 
-def _save(fig, out_png: str | os.PathLike) -> Path:
+def save_figure(fig, out_png: str | os.PathLike) -> Path:
+    """Render a matplotlib figure (no pyplot state) to ``out_png`` atomically; parent folders are created."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out = Path(out_png)
@@ -210,7 +211,7 @@ def triplanar_overlays(panels: Sequence[Mapping], out_png: str | os.PathLike, ti
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def triplanar_overlay(image: np.ndarray, masks: MaskInput, out_png: str | os.PathLike, title: str | None = None,

@@ -1858,7 +1858,6 @@ def preview_task(out_png: str | os.PathLike, seed: int = 0, shape: int | Sequenc
     Returns:
       Path: ``out_png``.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -1891,10 +1890,6 @@ def preview_task(out_png: str | os.PathLike, seed: int = 0, shape: int | Sequenc
     fig.suptitle(f"irisseg synthetic task: seed {seed}, {task.n_views} views ({size}), one task = same structures "
                  "and contrast, different 'patients'", fontsize=9)
     fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight")
-    os.replace(tmp, out)
-    return out
+    from irisseg.viz import save_figure
+
+    return save_figure(fig, out_png)

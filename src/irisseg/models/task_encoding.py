@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from irisseg.models.blocks import MLP, AttentionBlock, area_downsample, masked_mean, pixel_shuffle_3d, pixel_unshuffle_3d
+from irisseg.models.blocks import (
+    MLP,
+    AttentionBlock,
+    area_downsample,
+    masked_mean,
+    pixel_shuffle_3d,
+    pixel_unshuffle_3d,
+)
 
 
 @dataclass

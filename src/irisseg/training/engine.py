@@ -35,9 +35,8 @@ def loggers(run_dir: Path) -> list:
     # a new logs/version_N per (re)start, so resuming never overwrites earlier metrics
     out = [CSVLogger(str(run_dir), name="logs")]
     try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         import tensorboard  # noqa: F401
+        from lightning.pytorch.loggers import TensorBoardLogger
 
         out.append(TensorBoardLogger(str(run_dir), name="tensorboard"))
     except ImportError:
