@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-
 import warnings
 
 import numpy as np

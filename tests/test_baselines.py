@@ -150,18 +150,20 @@ def test_unet_runs_and_returns_query_geometry():
                direction=Rotation.from_euler("xyz", (10, -5, 20), degrees=True).as_matrix())
     query, _ = _cube_case(5, n=20, geometry=geo)
     out, info = train_unet_on_supports([s[0] for s in supports], [s[1] for s in supports], query, seconds=3.0,
-                                       seed=0, patch=None, base=4, return_info=True)
+                                       seed=0, patch=None, base=4, threads=1, return_info=True)
     assert out.array.dtype == np.uint8 and set(np.unique(out.array)) <= {0, 1}
     assert same_geometry(out, query, tol=0)
-    assert info["steps"] > 0 and info["train_seconds"] < 6.0
+    assert info["steps"] > 0 and info["train_seconds"] < 10.0
     assert info["grid"] == [16, 16, 16]
 
 
 def test_unet_learns_bright_cube():
     supports = [_cube_case(s) for s in (0, 1, 2)]
     query, truth = _cube_case(7)
-    out, info = train_unet_on_supports([s[0] for s in supports], [s[1] for s in supports], query, seconds=20.0,
-                                       max_steps=150, seed=0, patch=None, base=8, return_info=True)
+    # 60 steps (~5 s on one idle core); the time cap is only a safety net on a loaded machine.
+    out, info = train_unet_on_supports([s[0] for s in supports], [s[1] for s in supports], query, seconds=40.0,
+                                       max_steps=60, seed=0, base=8, threads=1, return_info=True)
+    assert info["steps"] == 60, info
     assert dice(out.array, truth.array) > 0.5, info
 
 
