@@ -42,7 +42,7 @@ from torch import nn
 from irisseg.errors import InputError
 from irisseg.io import Volume, check_same_geometry
 from irisseg.models.blocks import ResidualBlock
-from irisseg.preprocess import Preprocessor, clip_percentiles
+from irisseg.preprocess import Preprocessor, clip_percentiles, grid_image
 
 __all__ = [
     "atlas_propagation",
@@ -74,14 +74,6 @@ def _float_image(volume: Volume) -> sitk.Image:
 def _itk_seed(seed: int) -> int:
     """A non-zero ITK seed (SimpleITK reads seed 0 as "seed from the wall clock", i.e. not reproducible)."""
     return int(seed) % (2**31 - 2) + 1
-
-
-def _grid_image(reference: Volume) -> sitk.Image:
-    image = sitk.Image([int(s) for s in reference.size_xyz], sitk.sitkUInt8)
-    image.SetSpacing(reference.spacing)
-    image.SetOrigin(reference.origin)
-    image.SetDirection(tuple(reference.direction.reshape(-1)))
-    return image
 
 
 @contextlib.contextmanager
@@ -345,7 +337,7 @@ def _warp_labels(mask: Volume, transform: sitk.Transform, query: Volume) -> Volu
     if labels.max(initial=0) > 255:
         raise InputError("mask labels must fit in uint8 (<= 255)")
     src = mask.with_array(labels.astype(np.uint8)).to_sitk()
-    out = sitk.Resample(src, _grid_image(query), transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    out = sitk.Resample(src, grid_image(query), transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return Volume(sitk.GetArrayFromImage(out).astype(np.uint8), query.spacing, query.origin, query.direction.copy())
 
 

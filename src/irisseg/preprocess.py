@@ -43,6 +43,7 @@ __all__ = [
     "crop_or_pad",
     "foreground_bbox",
     "crop_to_bbox",
+    "grid_image",
 ]
 
 Kind = Literal["image", "label", "linear"]
@@ -138,7 +139,7 @@ def _resample_onto(volume: Volume, reference: Volume, kind: Kind) -> Volume:
         source = volume.with_array(volume.array.astype(np.float32))
     out = sitk.Resample(
         source.to_sitk(),
-        _grid_image(reference),
+        grid_image(reference),
         sitk.Transform(),
         _interpolator(kind),
         0.0,
@@ -148,7 +149,7 @@ def _resample_onto(volume: Volume, reference: Volume, kind: Kind) -> Volume:
     return Volume(result.array, reference.spacing, reference.origin, reference.direction.copy())
 
 
-def _grid_image(reference: Volume) -> sitk.Image:
+def grid_image(reference: Volume) -> sitk.Image:
     """An empty (uint8) image carrying ``reference``'s grid, cheaper to build than the full volume."""
     image = sitk.Image([int(s) for s in reference.size_xyz], sitk.sitkUInt8)
     image.SetSpacing(reference.spacing)
