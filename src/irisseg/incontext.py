@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from irisseg.errors import InputError
-from irisseg.io import Volume, check_same_geometry
+from irisseg.io import Volume, check_same_geometry, mask_channels
 from irisseg.models.iris import CONFIGS, IrisModel, build_iris
 from irisseg.models.task_encoding import TaskEmbedding
 from irisseg.models.tuner import tune_task
@@ -248,27 +248,7 @@ class InContextSegmenter:
         """Check one support pair; return one binary (D, H, W) uint8 array per class, in the image geometry."""
         _check_finite(image, image_name)
         check_same_geometry(image, mask, image_name, mask_name)
-        if not mask.is_label_map:
-            raise InputError(f"{mask_name}: not a segmentation: values must be non-negative integers")
-        found = mask.labels()
-        if not found:
-            raise InputError(f"{mask_name}: mask is empty (no foreground voxel)")
-        if labels is None:
-            if len(found) > 1:
-                raise InputError(
-                    f"{mask_name}: mask is not binary (labels {', '.join(map(str, found))}); "
-                    "choose the structure(s) with a label option (--label)"
-                )
-            return [(mask.array != 0).astype(np.uint8)]
-        channels = []
-        for label in labels:
-            if label not in found:
-                raise InputError(
-                    f"{mask_name}: mask has no voxel with label {label} "
-                    f"(labels found: {', '.join(map(str, found))})"
-                )
-            channels.append((mask.array == label).astype(np.uint8))
-        return channels
+        return mask_channels(mask, mask_name, labels)
 
     def _to_grid(self, image: Volume, channels: list[np.ndarray], mask_name: str) -> tuple[np.ndarray, np.ndarray]:
         """Image (1, D, H, W) float32 and masks (N, D, H, W) float32 {0, 1} on the model grid.

@@ -32,6 +32,7 @@ __all__ = [
     "Volume",
     "read_volume",
     "read_mask",
+    "mask_channels",
     "write_volume",
     "write_dicom_series",
     "same_geometry",
@@ -355,14 +356,11 @@ def read_mask(
     mask = read_volume(path)
     if reference is not None:
         check_same_geometry(reference, mask, reference_name or "the image", path, tol=tol)
+    if label is not None:
+        return mask.with_array(mask_channels(mask, path, [label])[0])
     if not mask.is_label_map:
         raise InputError(f"{path}: not a segmentation: values must be non-negative integers")
     labels = mask.labels()
-    if label is not None:
-        if label not in labels:
-            found = ", ".join(map(str, labels)) or "none"
-            raise InputError(f"{path}: mask has no voxel with label {label} (labels found: {found})")
-        return mask.with_array((mask.array == label).astype(np.uint8))
     if binary and any(v != 1 for v in labels):
         raise InputError(
             f"{path}: mask is not binary (labels {', '.join(map(str, labels))}); choose one with a label option"
@@ -372,6 +370,41 @@ def read_mask(
     if max(labels, default=0) > 255:
         return mask.with_array(mask.array.astype(np.int32))
     return mask.with_array(mask.array.astype(np.uint8))
+
+
+def mask_channels(mask: Volume, name: str | os.PathLike, labels: list[int] | None = None) -> list[np.ndarray]:
+    """Check a segmentation and split it into one binary array per requested label.
+
+    Arguments:
+      mask (Volume): a label map (D, H, W).
+      name: how to name the mask in error messages (usually its path).
+      labels (list[int] | None): the labels to extract; None requires a binary mask (a single foreground
+        value, e.g. 1 or 255) and returns it as one channel.
+
+    Returns:
+      list[np.ndarray]: one uint8 {0, 1} array (D, H, W) per label (one when ``labels`` is None).
+
+    Raises:
+      InputError: not a label map, empty, not binary without ``labels``, or a requested label absent.
+    """
+    if not mask.is_label_map:
+        raise InputError(f"{name}: not a segmentation: values must be non-negative integers")
+    found = mask.labels()
+    if not found:
+        raise InputError(f"{name}: mask is empty (no foreground voxel)")
+    if labels is None:
+        if len(found) > 1:
+            raise InputError(
+                f"{name}: mask is not binary (labels {', '.join(map(str, found))}); "
+                "choose the structure(s) with a label option (--label)"
+            )
+        return [(mask.array != 0).astype(np.uint8)]
+    missing = [label for label in labels if label not in found]
+    if missing:
+        raise InputError(
+            f"{name}: mask has no voxel with label {missing[0]} (labels found: {', '.join(map(str, found))})"
+        )
+    return [(mask.array == label).astype(np.uint8) for label in labels]
 
 
 # ---------------------------------------------------------------------------------------------------
