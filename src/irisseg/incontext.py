@@ -38,6 +38,7 @@ import torch
 
 from irisseg.errors import InputError
 from irisseg.io import Volume, check_same_geometry, mask_channels
+from irisseg.models.blocks import autocast_for
 from irisseg.models.iris import CONFIGS, IrisModel, build_iris
 from irisseg.models.task_encoding import TaskEmbedding
 from irisseg.models.tuner import tune_task
@@ -166,11 +167,6 @@ def load_model(
 # ---------------------------------------------------------------------------------------------------
 # the predictor
 # ---------------------------------------------------------------------------------------------------
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA, nothing on the CPU."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def _check_finite(volume: Volume, name: str) -> None:
     if volume.array.dtype.kind == "f":
         n_bad = int((~np.isfinite(volume.array)).sum())
@@ -337,7 +333,7 @@ class InContextSegmenter:
             grid_masks.append(msk)
         support_images = torch.from_numpy(np.stack(grid_images))[None].to(self.device)  # (1, K, 1, D, H, W)
         support_masks = torch.from_numpy(np.stack(grid_masks))[None].to(self.device)  # (1, K, N, D, H, W)
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), autocast_for(self.device):
             task = self.model.encode_task(support_images, support_masks)
         task = task.map(lambda t: t.float())
         self.timings["support"] = time.perf_counter() - t0
@@ -404,7 +400,7 @@ class InContextSegmenter:
         t0 = time.perf_counter()
         pre = self.preprocessor(volume)
         query = torch.from_numpy(pre.image)[None].to(self.device)  # (1, 1, D, H, W)
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), autocast_for(self.device):
             logits = self.model.decode(query, self._task)  # (1, N, D, H, W)
             probs = torch.sigmoid(logits.float())[0].cpu().numpy()
         out = []

@@ -138,6 +138,11 @@ def masked_mean(features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-6
     return num / (den + eps)
 
 
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA, a no-op context on the CPU (models run unchanged on both)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def area_downsample(mask: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     """Fraction of each coarse voxel covered by a mask: ``(B, N, D, H, W) -> (B, N, *size)``.
 

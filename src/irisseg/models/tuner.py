@@ -16,6 +16,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from irisseg.losses import dice_bce_loss
+from irisseg.models.blocks import autocast_for
 from irisseg.models.task_encoding import TaskEmbedding
 
 __all__ = ["tune_task", "frozen"]
@@ -41,10 +42,6 @@ def frozen(model: nn.Module):
             p.requires_grad_(flag)
         for m, mode in modes:
             m.training = mode
-
-
-def _autocast(device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _crop_to_foreground(features: list[torch.Tensor], target: torch.Tensor, margin: int):
@@ -132,7 +129,7 @@ def tune_task(
                   for t in task.tensors()]
         images = rearrange(support_images.detach().clone().to(device), "b k c d h w -> (b k) c d h w")
         target = rearrange(support_masks.detach().clone().to(device).float(), "b k n d h w -> (b k) n d h w")
-        with torch.no_grad(), _autocast(device):
+        with torch.no_grad(), autocast_for(device):
             features = [f.detach() for f in model.encoder(images)]
         if crop_margin is not None:
             features, target = _crop_to_foreground(features, target, crop_margin)
@@ -140,7 +137,7 @@ def tune_task(
         def loss_of(tensors: list[torch.Tensor]) -> torch.Tensor:
             # One task per support: repeat the batch-B embedding K times, (B, ...) -> (B*K, ...).
             emb = TaskEmbedding.from_tensors([repeat(t, "b ... -> (b k) ...", k=K) for t in tensors])
-            with _autocast(device):
+            with autocast_for(device):
                 logits = model.decoder(features, emb)
             return dice_bce_loss(logits.float(), target)
 

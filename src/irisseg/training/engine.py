@@ -12,22 +12,11 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from irisseg.errors import InputError
-
-
-def resolve_device(device: str) -> str:
-    """``"cpu"``, ``"cuda"`` or ``"auto"`` -> the accelerator to use; InputError if CUDA is asked but absent."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA GPU is available on this machine")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device: expected cpu, cuda or auto, got {device!r}")
-    return device
+from irisseg.incontext import resolve_device
 
 
 def loggers(run_dir: Path) -> list:
@@ -70,15 +59,10 @@ def make_trainer(
       callbacks: extra callbacks (e.g. model export, early stopping).
     """
     run_dir = Path(run_dir)
-    accelerator = resolve_device(device)
+    accelerator = resolve_device(device).type
     ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                            every_n_train_steps=checkpoint_every_n_steps, save_on_train_epoch_end=checkpoint_every_n_steps is None)
-    bar: list[Callback] = []
-    if progress:
-        try:
-            bar = [RichProgressBar(leave=True)]
-        except (ImportError, ModuleNotFoundError):  # pragma: no cover - rich is a dependency
-            bar = [TQDMProgressBar()]
+    bar: list[Callback] = [RichProgressBar(leave=True)] if progress else []
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
     return L.Trainer(
