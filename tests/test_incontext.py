@@ -153,6 +153,8 @@ def test_tune_task_keeps_the_model_frozen_and_lowers_the_support_loss():
     assert [t.shape for t in tuned.tensors()] == [t.shape for t in task.tensors()]
     assert not all(torch.equal(a, b) for a, b in zip(tuned.tensors(), task.tensors(), strict=True))
     assert len(history) == 7 and history[-1] < history[0]
+    # The dense support memory (matching keys and values) is carried over, not tuned.
+    assert task.has_matching and torch.equal(tuned.keys, task.keys) and torch.equal(tuned.values, task.values)
     model.eval()
     assert support_loss(model, tuned, images, masks) < support_loss(model, task, images, masks)
 

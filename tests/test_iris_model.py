@@ -169,3 +169,74 @@ def test_save_load_round_trip(tiny, tmp_path):
 def test_input_size_must_be_multiple_of_8(tiny):
     with pytest.raises(ValueError, match="multiple of 8"):
         tiny.encoder(torch.randn(1, 1, 12, 16, 16))
+
+
+# -- dense matching (propagated support masks) --------------------------------------------------------------
+def test_matching_memory_shapes_and_values(tiny):
+    images, masks = support(B=2, K=3, N=2)
+    with torch.no_grad():
+        task = tiny.encode_task(images, masks)
+    L = 3 * 4**3  # K x (16 / 4)^3 at the matching scale (stride 4)
+    assert task.keys.shape == (2, L, tiny.config.match_dim)
+    assert task.values.shape == (2, 2, L)
+    torch.testing.assert_close(task.keys.norm(dim=-1), torch.ones(2, L))
+    # Values are the supports' foreground fractions on the 4^3 grid, support after support.
+    frac = masks[0, 1, 1].reshape(4, 4, 4, 4, 4, 4).mean(dim=(1, 3, 5)).flatten()
+    torch.testing.assert_close(task.values[0, 1, 64:128], frac)
+
+
+def test_matching_readout_propagates_the_mask_to_an_identical_query(tiny):
+    """A query identical to the support, with a sharp temperature, reads back the support's mask."""
+    images, masks = support(B=1, K=1, N=1)
+    with torch.no_grad():
+        tiny.matcher.log_temperature.fill_(8.0)  # exp(8) ~ 3000: attention ~ nearest key
+        task = tiny.encode_task(images, masks)
+        r = tiny.matcher.readout(tiny.encoder(images[:, 0]), task.keys, task.values)
+    assert r.shape == (1, 1, 4, 4, 4)
+    torch.testing.assert_close(r.flatten(), task.values.flatten(), rtol=0, atol=1e-3)
+
+
+def test_matching_is_used_and_can_be_dropped(tiny):
+    images, masks = support(B=1, K=2, N=1)
+    q = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        task = tiny.encode_task(images, masks)
+        with_match = tiny.decode(q, task)
+        without = tiny.decode(q, task.without_matching())
+    assert with_match.shape == without.shape == (1, 1, 16, 16, 16)
+    assert not torch.allclose(with_match, without)
+
+
+def test_embedding_operations_keep_the_dense_memory(tiny):
+    images, masks = support(B=1, K=2, N=3)
+    with torch.no_grad():
+        task = tiny.encode_task(images, masks)
+        one = [tiny.encode_task(images[:, k : k + 1], masks[:, k : k + 1]) for k in range(2)]
+    sel = task.select([2, 0])
+    assert sel.keys is task.keys and torch.equal(sel.values, task.values[:, [2, 0]])
+    joined = TaskEmbedding.cat([task.select([0]), task.select([1, 2])], dim=1)
+    assert torch.equal(joined.values, task.values)
+    pooled = TaskEmbedding.mean(one)  # supports pooled: keys joined along L, like encoding both at once
+    torch.testing.assert_close(pooled.keys, task.keys)
+    torch.testing.assert_close(pooled.values, task.values)
+    assert task.expand_batch(3).keys.shape[0] == 3
+    # Memory-bank entries never carry a support memory.
+    bank = ClassMemoryBank()
+    bank.update("a", task.select([0]))
+    assert not bank.get("a").has_matching
+
+
+def test_transfer_weights_grows_a_model_without_changing_it():
+    from irisseg.models.iris import transfer_weights
+
+    torch.manual_seed(0)
+    old = build_iris("iris-small", **TINY, use_matching=False).eval()
+    new = build_iris("iris-small", **TINY, use_matching=True).eval()
+    report = transfer_weights(new, old.state_dict())
+    assert report["grown"] and any(n.startswith("matcher.") for n in report["new"])
+    images, masks = support(B=1, K=1, N=2)
+    q = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = old(images, masks, q)
+        got = new.decode(q, new.encode_task(images, masks).without_matching())
+    torch.testing.assert_close(got, expected)

@@ -27,6 +27,15 @@ def prototype_similarity(features: torch.Tensor, prototypes: torch.Tensor) -> to
     return rearrange(sim, "b n k d h w -> (b n) k d h w")
 
 
+def _resize(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Box-average down or trilinear up to ``size`` (identity when it already has that size)."""
+    if tuple(x.shape[-3:]) == tuple(size):
+        return x
+    if all(s <= t for s, t in zip(size, x.shape[-3:])):
+        return F.adaptive_avg_pool3d(x, size)
+    return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+
+
 class BidirectionalAttention(nn.Module):
     """Tokens attend to features, features attend to the updated tokens, tokens self-attend (pre-norm
     residuals throughout), then an MLP on the tokens.
@@ -72,13 +81,18 @@ class MaskDecoder(nn.Module):
       channels (tuple[int, ...]): encoder channels per scale ``(c0, c1, c2, C)``.
       num_heads (int): attention heads.
       use_similarity (bool): feed the prototype-similarity maps beside each skip and at the bottleneck.
+      use_matching (bool): feed the propagated masks of :class:`~irisseg.models.matching.CorrespondenceMatcher`
+        the same way (two channels per class at every scale: ``2 r - 1`` and a 0/1 flag saying whether
+        matching was available; a task without a support memory gets zeros).
     """
 
-    def __init__(self, channels: tuple[int, ...], num_heads: int, use_similarity: bool = True):
+    def __init__(self, channels: tuple[int, ...], num_heads: int, use_similarity: bool = True,
+                 use_matching: bool = False):
         super().__init__()
         c0, c1, c2, dim = channels
         self.use_similarity = use_similarity
-        extra = 2 if use_similarity else 0
+        self.use_matching = use_matching
+        extra = (2 if use_similarity else 0) + (2 if use_matching else 0)
         self.bottleneck = nn.Conv3d(dim + extra, dim, 1)
         self.attention = BidirectionalAttention(dim, num_heads)
         self.stages = nn.ModuleList([
@@ -90,25 +104,44 @@ class MaskDecoder(nn.Module):
         # Prototype prior: a learnable weight per scale on (fg - bg) similarity, added to the logits, so an
         # untrained decoder already predicts "voxels that look like the support's foreground".
         self.prior_weight = nn.Parameter(torch.full((len(channels),), 2.0)) if use_similarity else None
+        # Matching prior: a learnable weight on (2 r - 1), r the propagated mask, added to the logits.
+        self.match_weight = nn.Parameter(torch.tensor(3.0)) if use_matching else None
 
-    def forward(self, features: list[torch.Tensor], task: TaskEmbedding) -> torch.Tensor:
+    def forward(self, features: list[torch.Tensor], task: TaskEmbedding, match: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """
         Arguments:
           features (list[torch.Tensor]): the query's encoder maps ``[f0, f1, f2, f3]``, each (B, C_s, ...).
           task (TaskEmbedding): tokens (B, N, m+1, C) and prototypes per scale.
+          match (torch.Tensor | None): propagated masks (B, N, d, h, w) in [0, 1] at any encoder scale, or
+            None (no support memory: the matching channels are zero).
 
         Returns:
           torch.Tensor: logits (B, N, D, H, W) at the query's full resolution.
         """
         B, N = task.tokens.shape[:2]
         per_class = [repeat(f, "b c d h w -> (b n) c d h w", n=N) for f in features]
+        size = features[0].shape[-3:]
         prior = None
         if self.use_similarity:
             sims = [prototype_similarity(q, p) for q, p in zip(features, task.prototypes)]
             per_class = [torch.cat([f, sim], dim=1) for f, sim in zip(per_class, sims)]
-            size = features[0].shape[-3:]
             prior = sum(w * F.interpolate(sim[:, :1] - sim[:, 1:], size=size, mode="trilinear", align_corners=False)
                         for w, sim in zip(self.prior_weight, sims))
+        if self.use_matching:
+            maps = []
+            for f in per_class:
+                if match is None:
+                    maps.append(f.new_zeros((f.shape[0], 2, *f.shape[-3:])))
+                    continue
+                r = rearrange(match, "b n d h w -> (b n) 1 d h w").to(f.dtype)
+                r = _resize(r, tuple(f.shape[-3:]))
+                maps.append(torch.cat([2 * r - 1, torch.ones_like(r)], dim=1))
+            per_class = [torch.cat([f, m], dim=1) for f, m in zip(per_class, maps)]
+            if match is not None:
+                r = rearrange(match, "b n d h w -> (b n) 1 d h w")
+                term = self.match_weight * (2 * _resize(r.float(), tuple(size)) - 1)
+                prior = term if prior is None else prior + term
         x = self.bottleneck(per_class[-1])
         d, h, w = x.shape[-3:]
         tokens = rearrange(task.tokens, "b n t c -> (b n) t c").to(x.dtype)

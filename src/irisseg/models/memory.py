@@ -46,7 +46,7 @@ class ClassMemoryBank:
           name (str): class name, e.g. ``"liver"`` or ``"Dataset003_Liver/liver"``.
           task (TaskEmbedding): a single-class embedding (batch and class dims of size 1, or averaged first).
         """
-        obs = task.map(lambda t: t.detach().float().cpu().mean(dim=(0, 1), keepdim=True))
+        obs = task.without_matching().map(lambda t: t.detach().float().cpu().mean(dim=(0, 1), keepdim=True))
         if name not in self.entries:
             self.entries[name] = obs
             self.counts[name] = 1

@@ -33,22 +33,44 @@ class TaskEmbedding:
       tokens (torch.Tensor): (B, N, m + 1, C): the foreground token ``T_f`` then ``m`` context tokens ``T_c``.
       prototypes (tuple[torch.Tensor, ...]): one (B, N, 2, C_s) tensor per encoder scale s (full resolution
         first): foreground [:, :, 0] and background [:, :, 1] mean features at that scale.
+      keys (torch.Tensor | None): the support set's dense matching keys (B, L, C_k), L = K x the voxels of
+        the matching scale (see :class:`irisseg.models.matching.CorrespondenceMatcher`); None when the task
+        has no support behind it (memory bank) or the model does not match.
+      values (torch.Tensor | None): (B, N, L) foreground fraction of each key's voxel, per class.
+
+    The *embedding* proper is ``tokens`` + ``prototypes`` (:meth:`tensors`): that is what the memory bank
+    averages and stores, what the tuner optimises and what :meth:`mean` averages. ``keys`` / ``values``
+    are the support's dense memory: they follow batch / class selection and device moves, and are joined
+    along ``L`` when supports are pooled; they are dropped when a class comes from the memory bank.
     """
 
     tokens: torch.Tensor
     prototypes: tuple[torch.Tensor, ...]
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
-        """All tensors, tokens first (for optimisers, EMA and serialisation)."""
+        """The embedding's tensors, tokens first (for optimisers, EMA and serialisation); no keys/values."""
         return [self.tokens, *self.prototypes]
 
     @classmethod
-    def from_tensors(cls, tensors: list[torch.Tensor]) -> TaskEmbedding:
-        return cls(tensors[0], tuple(tensors[1:]))
+    def from_tensors(cls, tensors: list[torch.Tensor], keys: torch.Tensor | None = None,
+                     values: torch.Tensor | None = None) -> TaskEmbedding:
+        return cls(tensors[0], tuple(tensors[1:]), keys, values)
+
+    @property
+    def has_matching(self) -> bool:
+        return self.keys is not None and self.values is not None
+
+    def without_matching(self) -> TaskEmbedding:
+        """The same embedding without the dense support memory (as a memory-bank task would be)."""
+        return TaskEmbedding(self.tokens, self.prototypes)
 
     def map(self, fn) -> TaskEmbedding:
-        """Apply ``fn`` to every tensor."""
-        return TaskEmbedding.from_tensors([fn(t) for t in self.tensors()])
+        """Apply ``fn`` to every tensor (keys and values included)."""
+        keys = fn(self.keys) if self.keys is not None else None
+        values = fn(self.values) if self.values is not None else None
+        return TaskEmbedding.from_tensors([fn(t) for t in self.tensors()], keys, values)
 
     def detach(self) -> TaskEmbedding:
         return self.map(lambda t: t.detach())
@@ -65,7 +87,8 @@ class TaskEmbedding:
 
     def select(self, classes: list[int] | slice) -> TaskEmbedding:
         """Keep some classes (dimension 1)."""
-        return self.map(lambda t: t[:, classes])
+        values = self.values[:, classes] if self.values is not None else None
+        return TaskEmbedding.from_tensors([t[:, classes] for t in self.tensors()], self.keys, values)
 
     def expand_batch(self, batch: int) -> TaskEmbedding:
         """Repeat a batch-1 embedding ``batch`` times (one task answering several queries)."""
@@ -75,15 +98,33 @@ class TaskEmbedding:
 
     @staticmethod
     def cat(embeddings: list[TaskEmbedding], dim: int = 1) -> TaskEmbedding:
-        """Concatenate along classes (dim 1) or batch (dim 0)."""
+        """Concatenate along classes (dim 1) or batch (dim 0).
+
+        The dense support memory survives only when every part has one and they can be joined: along
+        classes, the parts must share the same keys (one support set); along the batch, the same ``L``.
+        """
         parts = list(zip(*(e.tensors() for e in embeddings)))
-        return TaskEmbedding.from_tensors([torch.cat(p, dim=dim) for p in parts])
+        out = [torch.cat(p, dim=dim) for p in parts]
+        keys = values = None
+        if all(e.has_matching for e in embeddings):
+            first = embeddings[0].keys
+            if dim == 1 and all(e.keys is first for e in embeddings):
+                keys, values = first, torch.cat([e.values for e in embeddings], dim=1)
+            elif dim == 0 and len({e.keys.shape[1:] for e in embeddings}) == 1:
+                keys = torch.cat([e.keys for e in embeddings], dim=0)
+                values = torch.cat([e.values for e in embeddings], dim=0)
+        return TaskEmbedding.from_tensors(out, keys, values)
 
     @staticmethod
     def mean(embeddings: list[TaskEmbedding]) -> TaskEmbedding:
-        """Element-wise average (the context ensemble)."""
+        """Element-wise average of the embeddings (the context ensemble); their dense support memories,
+        when all have one, are pooled (joined along ``L``)."""
         parts = list(zip(*(e.tensors() for e in embeddings)))
-        return TaskEmbedding.from_tensors([torch.stack(p).mean(0) for p in parts])
+        keys = values = None
+        if all(e.has_matching for e in embeddings):
+            keys = torch.cat([e.keys for e in embeddings], dim=1)
+            values = torch.cat([e.values for e in embeddings], dim=2)
+        return TaskEmbedding.from_tensors([torch.stack(p).mean(0) for p in parts], keys, values)
 
 
 def upsample_adjoint(mask: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:

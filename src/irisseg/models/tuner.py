@@ -68,6 +68,34 @@ def _crop_to_foreground(features: list[torch.Tensor], target: torch.Tensor, marg
     return cropped, crop(target, stride)
 
 
+def _dense_memory(task: TaskEmbedding, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The task's support memory (keys, values), detached on ``device``, unchanged by tuning."""
+    if not task.has_matching:
+        return None, None
+    return task.keys.detach().to(device), task.values.detach().to(device)
+
+
+def _support_readout(model: nn.Module, features: list[torch.Tensor], task: TaskEmbedding, B: int, K: int
+                     ) -> torch.Tensor | None:
+    """Propagated masks of the supports themselves, (B*K, N, d, h, w), as the query will get them: support
+    k reads from the other supports' memory (leave-one-out) when K > 1, from its own when K = 1."""
+    matcher = getattr(model, "matcher", None)
+    if matcher is None or not task.has_matching:
+        return None
+    keys = rearrange(task.keys, "b (k l) c -> b k l c", k=K)
+    values = rearrange(task.values, "b n (k l) -> b n k l", k=K)
+    per_support = rearrange(features[matcher.scale], "(b k) ... -> b k ...", k=K)
+    deep = rearrange(features[-1], "(b k) ... -> b k ...", k=K)
+    out = []
+    for k in range(K):
+        others = [j for j in range(K) if j != k] or [k]
+        feats = [None] * len(features)
+        feats[matcher.scale], feats[-1] = per_support[:, k], deep[:, k]
+        out.append(matcher.readout(feats, rearrange(keys[:, others], "b k l c -> b (k l) c"),
+                                   rearrange(values[:, :, others], "b n k l -> b n (k l)")))
+    return rearrange(torch.stack(out, dim=1), "b k ... -> (b k) ...")
+
+
 def tune_task(
     model: nn.Module,
     task: TaskEmbedding,
@@ -84,7 +112,9 @@ def tune_task(
     ``dice_bce_loss(logits, support_masks)`` averaged over supports and classes, minimised with Adam over
     ``task.tensors()`` only (fresh leaf copies in float32; the input ``task`` is not modified). The
     supports' encoder features do not depend on the embedding, so they are computed once; each step then
-    costs one decoder pass over the K supports (identical to ``model.decode(support_k, task)``).
+    costs one decoder pass over the K supports (``model.decode(support_k, task)``, except that with dense
+    matching support k reads the propagated mask from the other supports' memory when K > 1, as a query
+    would; the keys and values themselves are not tuned and come back unchanged).
 
     Works when called under ``torch.inference_mode()`` or ``torch.no_grad()`` (gradients are enabled
     inside), with inference-mode input tensors, and on CUDA (bf16 autocast for the network, float32 loss
@@ -129,16 +159,20 @@ def tune_task(
                   for t in task.tensors()]
         images = rearrange(support_images.detach().clone().to(device), "b k c d h w -> (b k) c d h w")
         target = rearrange(support_masks.detach().clone().to(device).float(), "b k n d h w -> (b k) n d h w")
+        start = task.to(device)
         with torch.no_grad(), autocast_for(device):
             features = [f.detach() for f in model.encoder(images)]
+            match = _support_readout(model, features, start, B, K)
         if crop_margin is not None:
-            features, target = _crop_to_foreground(features, target, crop_margin)
+            extra = [] if match is None else [match]  # first: the last map must stay the coarsest
+            cropped, target = _crop_to_foreground(extra + features, target, crop_margin)
+            features, match = (cropped, None) if match is None else (cropped[1:], cropped[0])
 
         def loss_of(tensors: list[torch.Tensor]) -> torch.Tensor:
             # One task per support: repeat the batch-B embedding K times, (B, ...) -> (B*K, ...).
             emb = TaskEmbedding.from_tensors([repeat(t, "b ... -> (b k) ...", k=K) for t in tensors])
             with autocast_for(device):
-                logits = model.decoder(features, emb)
+                logits = model.decoder(features, emb, match)
             return dice_bce_loss(logits.float(), target)
 
         best = [p.detach().clone() for p in params]
@@ -161,4 +195,4 @@ def tune_task(
                 history.append(value)
             if value < best_loss:
                 best = [p.detach().clone() for p in params]
-    return TaskEmbedding.from_tensors(best)
+    return TaskEmbedding.from_tensors(best, *_dense_memory(task, device))

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from irisseg.data.episodes import AugmentConfig, DatasetEpisodes, SyntheticEpisodes
 from irisseg.errors import InputError
 from irisseg.losses import dice_bce_loss
-from irisseg.models.iris import IrisModel, build_iris
+from irisseg.models.iris import IrisConfig, IrisModel, build_iris, transfer_weights
 from irisseg.training.engine import make_trainer, resume_path
 
 
@@ -44,7 +44,13 @@ class IncontextTrainConfig:
       num_workers: DataLoader workers generating episodes; num_threads: torch threads of the training
         process (None: torch's default; 1 avoids thread thrashing on a busy 2-core machine); seed: base seed.
       init_from: a model folder (config.json + model.safetensors) whose weights and memory bank start the
-        run (e.g. to continue training the starter weights); its architecture replaces ``model``.
+        run (e.g. to continue training the starter weights); its architecture, with ``model_overrides``
+        applied, replaces ``model``, and weights that no longer fit are grown or re-initialised
+        (:func:`irisseg.models.iris.transfer_weights`).
+      match_dropout: probability of training a step without the dense support memory (matching), so that
+        the model also segments from a memory-bank embedding alone.
+      val_crop: side of the validation views' crop (None: validate on the whole ``shape^3`` views, as the
+        model is used at inference).
     """
 
     model: str = "iris-small"
@@ -70,6 +76,8 @@ class IncontextTrainConfig:
     seed: int = 0
     augment: bool = True
     init_from: str | None = None
+    match_dropout: float = 0.2
+    val_crop: int | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> IncontextTrainConfig:
@@ -135,6 +143,8 @@ class IrisLightning(L.LightningModule):
 
     def _step(self, ep: dict) -> tuple[torch.Tensor, torch.Tensor]:
         task = self.model.encode_task(ep["support_images"][None], ep["support_masks"][None])
+        if self.training and task.has_matching and torch.rand(()).item() < self.cfg.match_dropout:
+            task = task.without_matching()
         logits = self.model.decode(ep["query_images"], task)  # (Q, N, D, H, W)
         return logits, task
 
@@ -216,7 +226,7 @@ class ExportModels(L.Callback):
 def validation_episodes(cfg: IncontextTrainConfig, families: list[str]) -> list[dict]:
     """A fixed list of one-shot episodes (K = 1, one query) from ``families``, the same every run."""
     stream = SyntheticEpisodes(shape=cfg.shape, max_support=1, n_query=1, max_classes=1, families=families,
-                               seed=cfg.seed + 10_000, augment=None, crop=cfg.crop)
+                               seed=cfg.seed + 10_000, augment=None, crop=cfg.val_crop)
     it = iter(stream)
     return [next(it) for _ in range(cfg.val_tasks)]
 
@@ -234,8 +244,9 @@ def train_incontext(cfg: IncontextTrainConfig, out: str | Path, data: list[str] 
     from irisseg.data.synthetic import FAMILIES, resolve_families
 
     out = Path(out)
-    if (cfg.crop or cfg.shape) % 8:
-        raise InputError(f"the training grid must be a multiple of 8, got {cfg.crop or cfg.shape}")
+    for grid in (cfg.crop or cfg.shape, cfg.val_crop or cfg.shape):
+        if grid % 8:
+            raise InputError(f"the training and validation grids must be multiples of 8, got {grid}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if not data and not synthetic:
@@ -259,7 +270,10 @@ def train_incontext(cfg: IncontextTrainConfig, out: str | Path, data: list[str] 
                           worker_init_fn=lambda _: torch.set_num_threads(1))
     val_dl = DataLoader(_Fixed(validation_episodes(cfg, val_families)), batch_size=None)
     if cfg.init_from:
-        model = IrisModel.load(cfg.init_from)
+        start = IrisModel.load(cfg.init_from)
+        model = IrisModel(IrisConfig.from_dict({**start.config.to_dict(), **cfg.model_overrides}))
+        transfer_weights(model, start.state_dict())
+        model.memory = start.memory
     else:
         model = build_iris(cfg.model, **cfg.model_overrides)
     module = IrisLightning(model, cfg)
