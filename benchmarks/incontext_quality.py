@@ -10,6 +10,8 @@ view 0 is the query, views 1..5 the supports, one labelled structure) and each K
 every method segments the query from the first K supports:
 
 * ``one-shot`` (K = 1 only), ``ensemble``, ``tune``: :class:`irisseg.incontext.InContextSegmenter`;
+* ``no-matching`` (ablation): ``ensemble`` with the model's dense matching switched off, i.e. from the
+  task embedding (tokens and prototypes) alone;
 * ``memory`` (no support; reported as K = 0): the model's class memory bank entry named after the
   structure's shape family, when the bank has one (held-out families usually do not);
 * ``atlas``: :func:`irisseg.baselines.atlas_propagation_multi` (affine + B-spline registration of every
@@ -56,7 +58,7 @@ from irisseg.incontext import InContextSegmenter, load_model, resolve_model_dir
 from irisseg.io import Volume
 from irisseg.metrics import dice, hd95
 
-METHODS = ("one-shot", "ensemble", "tune", "memory", "atlas", "unet")
+METHODS = ("one-shot", "ensemble", "tune", "memory", "atlas", "unet", "no-matching")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,6 +141,13 @@ def run_task(index: int, args, model, families) -> dict:
             add(strategy, k, pred, c, timings=dict(seg.timings))
             if strategy == "tune":
                 tune_cpu[k] = c.cpu
+    if "no-matching" in args.methods and model.matcher is not None:
+        seg = InContextSegmenter(model, strategy="ensemble", matching=False)
+        for k in ks:
+            with _Clock() as c:
+                seg.set_support(sup_images[:k], sup_masks[:k])
+                pred = seg.segment(query)
+            add("no-matching", k, pred, c, timings=dict(seg.timings))
     if "memory" in args.methods:
         if family in model.memory:
             seg = InContextSegmenter(model, strategy="memory")

@@ -8,7 +8,7 @@ Usage::
 
 What is measured:
 
-* parameters per top-level component (``encoder``, ``task_encoder``, ``decoder``; the class memory bank
+* parameters per top-level component (``encoder``, ``task_encoder``, ``decoder``, ``matcher``; the class memory bank
   holds no parameters) and in total, from :func:`irisseg.models.iris.count_parameters`;
 * forward FLOPs of ``encode_task`` (one support, K = 1, one class, N = 1) and of ``decode`` (one query,
   N = 1) at the config's ``image_size``, counted by ``torch.utils.flop_counter.FlopCounterMode`` on the
@@ -135,14 +135,14 @@ def main(argv=None) -> int:
         rows.append((name, params, flops, timing, flop_seconds))
 
     sep = "|" if args.markdown else " "
-    header = ["model", "grid", "encoder", "task_encoder", "decoder", "total", "GFLOPs encode_task", "GFLOPs decode",
+    header = ["model", "grid", "encoder", "task_encoder", "decoder", "matcher", "total", "GFLOPs encode_task", "GFLOPs decode",
               "CPU s encode_task", "CPU s decode"]
     lines = [header]
     for name, params, flops, timing, _ in rows:
         lines.append([
             name, "x".join(map(str, flops["size"])),
             _fmt_int(params["encoder"]), _fmt_int(params["task_encoder"]), _fmt_int(params["decoder"]),
-            _fmt_int(params["total"]),
+            _fmt_int(params.get("matcher", 0)), _fmt_int(params["total"]),
             f"{flops['encode_task'] / 1e9:.1f}", f"{flops['decode'] / 1e9:.1f}",
             f"{timing['encode_task']:.2f}" if timing else "skipped",
             f"{timing['decode']:.2f}" if timing else "skipped",

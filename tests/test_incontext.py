@@ -229,6 +229,13 @@ def test_strategies(model):
     for a, b in zip(tasks["ensemble"].tensors(), mean.tensors(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(tasks["one-shot"].tokens, second.tokens)
+    # The ensemble's dense memory holds both supports' keys, one-shot's only the first one's.
+    assert tasks["ensemble"].keys.shape[1] == 2 * tasks["one-shot"].keys.shape[1]
+    torch.testing.assert_close(tasks["ensemble"].keys, mean.keys)
+    unmatched = InContextSegmenter(model, strategy="ensemble", matching=False)
+    plain = unmatched.set_support([i1, i2], [m1, m2])
+    assert not plain.has_matching and plain.tokens.shape == tasks["ensemble"].tokens.shape
+    assert unmatched.segment(oblique_query()).shape == (13, 27, 11)
     assert not all(torch.equal(a, b) for a, b in zip(tasks["tune"].tensors(), tasks["ensemble"].tensors(), strict=True))
 
     memory_model = tiny_model()
@@ -243,6 +250,7 @@ def test_strategies(model):
     with pytest.raises(InputError, match="takes no support"):
         seg.set_support([i1], [m1])
     task = seg.set_memory(["blob"], labels=[4])
+    assert not task.has_matching  # a stored class has no support behind it
     assert all(torch.equal(a, b) for a, b in zip(task.tensors(), tasks["ensemble"].tensors(), strict=True))
     assert set(np.unique(seg.segment(oblique_query()).array).tolist()) <= {0, 4}
     assert STRATEGIES == ("one-shot", "ensemble", "tune", "memory")

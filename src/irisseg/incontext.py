@@ -190,6 +190,9 @@ class InContextSegmenter:
       tune_steps (int): Adam steps of the ``tune`` strategy (10).
       threshold (float): probability above which a voxel is foreground, in (0, 1) (0.5).
       tune_lr (float): Adam learning rate of the ``tune`` strategy (1e-3).
+      matching (bool): use the model's dense matching (support masks propagated to the query by feature
+        attention) when it has one (True); False segments from the embedding alone, as the ``memory``
+        strategy must (an ablation).
 
     Attributes:
       task (TaskEmbedding | None): the cached task (batch 1, N classes), float32 on ``device``.
@@ -207,6 +210,7 @@ class InContextSegmenter:
         tune_steps: int = 10,
         threshold: float = 0.5,
         tune_lr: float = 1e-3,
+        matching: bool = True,
     ):
         if strategy not in STRATEGIES:
             raise InputError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
@@ -219,6 +223,7 @@ class InContextSegmenter:
         self.strategy = strategy
         self.tune_steps = int(tune_steps)
         self.tune_lr = float(tune_lr)
+        self.matching = bool(matching)
         self.threshold = float(threshold)
         self.grid = tuple(int(s) for s in model.config.image_size)
         self.preprocessor = Preprocessor(PreprocessConfig(target_shape=self.grid))
@@ -336,6 +341,8 @@ class InContextSegmenter:
         with torch.inference_mode(), autocast_for(self.device):
             task = self.model.encode_task(support_images, support_masks)
         task = task.map(lambda t: t.float())
+        if not self.matching:
+            task = task.without_matching()
         self.timings["support"] = time.perf_counter() - t0
 
         self.timings["tune"] = 0.0
