@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from irisseg.models.blocks import MLP, AttentionBlock, FiLM, ResidualBlock
+from irisseg.models.blocks import MLP, AttentionBlock, FiLM, ResidualBlock, area_downsample
 from irisseg.models.task_encoding import TaskEmbedding
 
 
@@ -32,7 +32,7 @@ def _resize(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     if tuple(x.shape[-3:]) == tuple(size):
         return x
     if all(s <= t for s, t in zip(size, x.shape[-3:])):
-        return F.adaptive_avg_pool3d(x, size)
+        return area_downsample(x, size)
     return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
 
@@ -129,17 +129,16 @@ class MaskDecoder(nn.Module):
             prior = sum(w * F.interpolate(sim[:, :1] - sim[:, 1:], size=size, mode="trilinear", align_corners=False)
                         for w, sim in zip(self.prior_weight, sims))
         if self.use_matching:
-            maps = []
-            for f in per_class:
-                if match is None:
-                    maps.append(f.new_zeros((f.shape[0], 2, *f.shape[-3:])))
-                    continue
-                r = rearrange(match, "b n d h w -> (b n) 1 d h w").to(f.dtype)
-                r = _resize(r, tuple(f.shape[-3:]))
-                maps.append(torch.cat([2 * r - 1, torch.ones_like(r)], dim=1))
-            per_class = [torch.cat([f, m], dim=1) for f, m in zip(per_class, maps)]
-            if match is not None:
-                r = rearrange(match, "b n d h w -> (b n) 1 d h w")
+            r = None if match is None else rearrange(match, "b n d h w -> (b n) 1 d h w")
+
+            def channels(f: torch.Tensor) -> torch.Tensor:  # (2 r - 1, available) at f's scale
+                if r is None:
+                    return f.new_zeros((f.shape[0], 2, *f.shape[-3:]))
+                rs = _resize(r.to(f.dtype), tuple(f.shape[-3:]))
+                return torch.cat([2 * rs - 1, torch.ones_like(rs)], dim=1)
+
+            per_class = [torch.cat([f, channels(f)], dim=1) for f in per_class]
+            if r is not None:
                 term = self.match_weight * (2 * _resize(r.float(), tuple(size)) - 1)
                 prior = term if prior is None else prior + term
         x = self.bottleneck(per_class[-1])

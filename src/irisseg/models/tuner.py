@@ -68,13 +68,6 @@ def _crop_to_foreground(features: list[torch.Tensor], target: torch.Tensor, marg
     return cropped, crop(target, stride)
 
 
-def _dense_memory(task: TaskEmbedding, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The task's support memory (keys, values), detached on ``device``, unchanged by tuning."""
-    if not task.has_matching:
-        return None, None
-    return task.keys.detach().to(device), task.values.detach().to(device)
-
-
 def _support_readout(model: nn.Module, features: list[torch.Tensor], task: TaskEmbedding, B: int, K: int
                      ) -> torch.Tensor | None:
     """Propagated masks of the supports themselves, (B*K, N, d, h, w), as the query will get them: support
@@ -159,7 +152,7 @@ def tune_task(
                   for t in task.tensors()]
         images = rearrange(support_images.detach().clone().to(device), "b k c d h w -> (b k) c d h w")
         target = rearrange(support_masks.detach().clone().to(device).float(), "b k n d h w -> (b k) n d h w")
-        start = task.to(device)
+        start = task.detach().to(device)
         with torch.no_grad(), autocast_for(device):
             features = [f.detach() for f in model.encoder(images)]
             match = _support_readout(model, features, start, B, K)
@@ -195,4 +188,4 @@ def tune_task(
                 history.append(value)
             if value < best_loss:
                 best = [p.detach().clone() for p in params]
-    return TaskEmbedding.from_tensors(best, *_dense_memory(task, device))
+    return TaskEmbedding.from_tensors(best, start.keys, start.values)  # the support memory is not tuned
