@@ -10,6 +10,8 @@ view 0 is the query, views 1..5 the supports, one labelled structure) and each K
 every method segments the query from the first K supports:
 
 * ``one-shot`` (K = 1 only), ``ensemble``, ``tune``: :class:`irisseg.incontext.InContextSegmenter`;
+  ``one-shot+tta``, ``ensemble+tta``, ``tune+tta``: the same with mirror test-time augmentation
+  (``tta=True``: supports and query mirrored together along the 8 axis combinations, probabilities averaged);
 * ``no-matching`` (ablation): ``ensemble`` with the model's dense matching switched off, i.e. from the
   task embedding (tokens and prototypes) alone;
 * ``memory`` (no support; reported as K = 0): the model's class memory bank entry named after the
@@ -58,7 +60,8 @@ from irisseg.incontext import InContextSegmenter, load_model, resolve_model_dir
 from irisseg.io import Volume
 from irisseg.metrics import dice, hd95
 
-METHODS = ("one-shot", "ensemble", "tune", "memory", "atlas", "unet", "no-matching")
+METHODS = ("one-shot", "ensemble", "tune", "memory", "atlas", "unet", "no-matching",
+           "one-shot+tta", "ensemble+tta", "tune+tta")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,18 +131,19 @@ def run_task(index: int, args, model, families) -> dict:
                                   "cpu_seconds": clock.cpu, **extra})
 
     tune_cpu: dict[int, float] = {}
-    for strategy in ("one-shot", "ensemble", "tune"):
-        if strategy not in args.methods:
+    for method in ("one-shot", "ensemble", "tune", "one-shot+tta", "ensemble+tta", "tune+tta"):
+        if method not in args.methods:
             continue
-        seg = InContextSegmenter(model, strategy=strategy, tune_steps=args.tune_steps)
+        strategy, tta = method.removesuffix("+tta"), method.endswith("+tta")
+        seg = InContextSegmenter(model, strategy=strategy, tune_steps=args.tune_steps, tta=tta)
         for k in ks:
             if strategy == "one-shot" and k != 1:
                 continue
             with _Clock() as c:
                 seg.set_support(sup_images[:k], sup_masks[:k])
                 pred = seg.segment(query)
-            add(strategy, k, pred, c, timings=dict(seg.timings))
-            if strategy == "tune":
+            add(method, k, pred, c, timings=dict(seg.timings))
+            if method == "tune":
                 tune_cpu[k] = c.cpu
     if "no-matching" in args.methods and model.matcher is not None:
         seg = InContextSegmenter(model, strategy="ensemble", matching=False)

@@ -30,12 +30,12 @@ def test_demo_writes_everything_in_the_query_geometry(tmp_path, capsys):
     code = main(["demo", "--model", str(tmp_path / "model"), "--out", str(out), "--tune-steps", "2"])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["strategies"]) == ["one-shot", "ensemble", "tune", "memory"]
+    assert list(summary["strategies"]) == ["one-shot", "ensemble", "tune", "memory", "ensemble+tta"]
     assert summary["family"] == "blobs"
     query = read_volume(out / "query.nii.gz")
     for strategy, row in summary["strategies"].items():
         assert 0.0 <= row["dice"] <= 1.0 and row["seconds"] > 0
-        pred = read_volume(out / f"pred_{strategy}.nii.gz")
+        pred = read_volume(out / f"pred_{strategy.replace('+', '_')}.nii.gz")
         assert same_geometry(pred, query, tol=1e-4)
     assert (out / "overlays.png").stat().st_size > 10_000
     assert "one-shot" in capsys.readouterr().out

@@ -258,6 +258,38 @@ def test_strategies(model):
         InContextSegmenter(model, strategy="few-shot")
 
 
+def test_mirror_tta_makes_the_prediction_equivariant_to_mirroring_the_whole_task(model):
+    # On volumes already on the model grid (16^3, unit spacing), mirroring the supports and the query together
+    # must mirror the TTA prediction exactly: the 8 passes are the same passes in another order.
+    def grid_case(seed):
+        image, mask = blob_case(seed, shape=(16, 16, 16), spacing=(1.0, 1.0, 1.0), angles=(0, 0, 0))
+        rng = np.random.default_rng(seed)
+        return image.with_array(image.array + rng.normal(0, 20, image.shape).astype(np.float32)), mask
+
+    (i1, m1), (i2, m2), (q, _) = grid_case(11), grid_case(12), grid_case(13)
+
+    def mirror(v: Volume) -> Volume:
+        return v.with_array(np.ascontiguousarray(v.array[:, ::-1]))
+
+    for strategy in ("one-shot", "ensemble", "tune"):
+        seg = InContextSegmenter(model, strategy=strategy, tune_steps=2, tta=True)
+        seg.set_support([i1, i2], [m1, m2])
+        p = seg.segment(q, return_probabilities=True).array
+        seg.set_support([mirror(i1), mirror(i2)], [mirror(m1), mirror(m2)])
+        p_m = seg.segment(mirror(q), return_probabilities=True).array
+        # tune: the correction is tuned in each problem's own frame, so equivariance is only approximate.
+        np.testing.assert_allclose(p_m[:, ::-1], p, atol=1e-4 if strategy != "tune" else 1e-2)
+    plain = InContextSegmenter(model, strategy="ensemble")
+    plain.set_support([i1, i2], [m1, m2])
+    single = plain.segment(q, return_probabilities=True).array
+    assert np.abs(single - p).max() > 1e-3  # the random model is not mirror-equivariant by itself
+    memory_model = tiny_model()
+    memory_model.memory.update("blob", plain.task)
+    seg = InContextSegmenter(memory_model, strategy="memory", tta=True)
+    seg.set_memory(["blob"])
+    assert seg.segment(q).shape == q.shape  # nothing to mirror: one pass
+
+
 def test_support_checks(model):
     image, mask = blob_case(4)
     multi_image, multi = blob_case(4, labels=(1, 3))
@@ -373,7 +405,8 @@ def test_cli_segment_writes_outputs_in_the_query_geometry(capsys, tmp_path, file
 
     code, _, err = run_cli(capsys, "segment", "--query", files["q2"], "--support", files["img2"], "--support-mask",
                            files["mask2"], "--label", "2", "--label", "1", "--threshold", "0.001",
-                           "--out", tmp_path / "ml", "--model", model_dir, "--strategy", "one-shot", "--probabilities")
+                           "--out", tmp_path / "ml", "--model", model_dir, "--strategy", "one-shot", "--probabilities",
+                           "--tta")
     assert code == 0, err
     assert outputs(tmp_path / "ml") == ["case_b_seg.nii.gz", "case_b_seg_prob_1.nii.gz", "case_b_seg_prob_2.nii.gz"]
     labels = read_volume(tmp_path / "ml" / "case_b_seg.nii.gz")
@@ -405,6 +438,7 @@ def test_cli_segment_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, 
         "absent label": ([*q, *sup, "--label", "3"], "no voxel with label 3"),
         "unknown class": ([*q, "--strategy", "memory", "--class", "spleen"], "'spleen' is not in the memory bank"),
         "memory without class": ([*q, "--strategy", "memory"], "needs --class"),
+        "memory with tta": ([*q, "--strategy", "memory", "--class", "blob", "--tta"], "no support to mirror"),
         "no support": ([*q], "--support-mask"),
         "unknown strategy": ([*q, *sup, "--strategy", "few-shot"], "unknown strategy"),
         "nan query": (["--query", nan_query, *sup], "NaN"),

@@ -53,7 +53,11 @@ def builtin_example(families: list[str], shape: tuple[int, int, int] | int = 64,
 
 
 def run_demo(out: str | Path, model_name: str = "starter", device: str = "cpu", tune_steps: int = 10) -> dict:
-    """Run the four strategies on the built-in example and write everything to ``out``.
+    """Run the four strategies (and the ensemble with mirror TTA) on the built-in example; write everything to ``out``.
+
+    Outputs in ``out``: ``query``, ``reference``, ``support_<i>`` / ``support_<i>_mask`` and one
+    ``pred_<strategy>`` per run (``+`` written as ``_``) as NIfTI in the query's geometry, ``overlays.png``
+    and ``summary.json``.
 
     Returns:
       dict: the summary written to ``out/summary.json`` (per strategy: dice, hd95_mm, seconds, supports).
@@ -77,10 +81,11 @@ def run_demo(out: str | Path, model_name: str = "starter", device: str = "cpu", 
         files[f"support_{i}_mask"] = write_volume(msk, out / f"support_{i}_mask.nii.gz")
 
     class_name = f"demo/{ex.family}"
-    runs = [("one-shot", 1), ("ensemble", 3), ("tune", 3), ("memory", 0)]
+    runs = [("one-shot", 1), ("ensemble", 3), ("tune", 3), ("memory", 0), ("ensemble+tta", 3)]
     results, predictions = {}, {}
-    for strategy, k in runs:
-        seg = InContextSegmenter(model, device=device, strategy=strategy, tune_steps=tune_steps)
+    for name, k in runs:
+        strategy, tta = name.removesuffix("+tta"), name.endswith("+tta")
+        seg = InContextSegmenter(model, device=device, strategy=strategy, tune_steps=tune_steps, tta=tta)
         t0 = time.perf_counter()
         if strategy == "memory":
             # A class stored earlier from the three supports (as `irisseg memory add` does); no support now.
@@ -89,11 +94,12 @@ def run_demo(out: str | Path, model_name: str = "starter", device: str = "cpu", 
             seg.set_support(ex.supports[:k], ex.support_masks[:k])
         pred = seg.segment(ex.query)
         seconds = time.perf_counter() - t0
-        if strategy == "ensemble":
+        if name == "ensemble":
             model.memory.update(class_name, seg.task)
-        predictions[strategy] = pred
-        files[f"pred_{strategy}"] = write_volume(pred, out / f"pred_{strategy}.nii.gz")
-        results[strategy] = {
+        predictions[name] = pred
+        stem = f"pred_{name.replace('+', '_')}"
+        files[stem] = write_volume(pred, out / f"{stem}.nii.gz")
+        results[name] = {
             "supports": k,
             "dice": dice(pred.array, ex.reference.array),
             "hd95_mm": hd95(pred.array, ex.reference.array, ex.query.spacing_zyx),

@@ -13,6 +13,9 @@ Four inference strategies (the IRIS paper's), chosen by name:
 * ``memory``: no support at all; the embeddings stored for named classes in the model's class memory bank
   (``memory.safetensors`` beside the weights), chosen with :meth:`InContextSegmenter.set_memory`.
 
+Any strategy with supports can add mirror test-time augmentation (``tta=True``, ``--tta``): supports and query
+mirrored together along the 8 axis combinations, probabilities averaged (as nnU-Net mirrors its inputs).
+
 Geometry: supports and queries may have any shape, spacing, origin and direction. Each is taken to the
 model grid (``model.config.image_size``, D, H, W) by :class:`~irisseg.preprocess.Preprocessor` (clip
 0.5-99.5 percentiles, z-score, resample the whole field of view), and every prediction goes back to its
@@ -56,6 +59,9 @@ __all__ = [
 
 #: Inference strategy names, in the order of the IRIS paper.
 STRATEGIES = ("one-shot", "ensemble", "tune", "memory")
+#: Mirror test-time augmentation: every combination of the grid axes of a (B, C, D, H, W) tensor, the
+#: identity first.
+MIRROR_AXES: tuple[tuple[int, ...], ...] = ((), (-3,), (-2,), (-1,), (-3, -2), (-3, -1), (-2, -1), (-3, -2, -1))
 
 #: Where the packaged starter weights live (``config.json`` + ``model.safetensors``), when installed.
 STARTER_DIR = Path(__file__).resolve().parent / "weights" / "starter"
@@ -193,6 +199,11 @@ class InContextSegmenter:
       matching (bool): use the model's dense matching (support masks propagated to the query by feature
         attention) when it has one (True); False segments from the embedding alone, as the ``memory``
         strategy must (an ablation).
+      tta (bool): mirror test-time augmentation (False). The supports and the query are mirrored *together*
+        along each of the 8 combinations of the three grid axes (so left stays left), each combination is
+        encoded and decoded, and the probabilities are averaged after mirroring back; the ``tune`` strategy
+        tunes once and applies the same correction to every mirrored embedding. About 8x the support and
+        query time. Ignored by the ``memory`` strategy (a stored embedding has no support to mirror).
 
     Attributes:
       task (TaskEmbedding | None): the cached task (batch 1, N classes), float32 on ``device``.
@@ -211,6 +222,7 @@ class InContextSegmenter:
         threshold: float = 0.5,
         tune_lr: float = 1e-3,
         matching: bool = True,
+        tta: bool = False,
     ):
         if strategy not in STRATEGIES:
             raise InputError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
@@ -227,7 +239,9 @@ class InContextSegmenter:
         self.threshold = float(threshold)
         self.grid = tuple(int(s) for s in model.config.image_size)
         self.preprocessor = Preprocessor(PreprocessConfig(target_shape=self.grid))
+        self.tta = bool(tta)
         self._task: TaskEmbedding | None = None
+        self._mirrored: list[tuple[tuple[int, ...], TaskEmbedding]] = []
         self.labels: list[int] = []
         self.class_names: list[str] | None = None
         self.timings: dict[str, float] = {"support": 0.0, "tune": 0.0, "query": 0.0}
@@ -338,22 +352,34 @@ class InContextSegmenter:
             grid_masks.append(msk)
         support_images = torch.from_numpy(np.stack(grid_images))[None].to(self.device)  # (1, K, 1, D, H, W)
         support_masks = torch.from_numpy(np.stack(grid_masks))[None].to(self.device)  # (1, K, N, D, H, W)
-        with torch.inference_mode(), autocast_for(self.device):
-            task = self.model.encode_task(support_images, support_masks)
-        task = task.map(lambda t: t.float())
-        if not self.matching:
-            task = task.without_matching()
+        task = self._encode(support_images, support_masks)
+        mirrored = [(axes, self._encode(support_images.flip(axes), support_masks.flip(axes)))
+                    for axes in (MIRROR_AXES[1:] if self.tta else ())]
         self.timings["support"] = time.perf_counter() - t0
 
         self.timings["tune"] = 0.0
         if self.strategy == "tune" and self.tune_steps > 0:
             t0 = time.perf_counter()
+            start = task
             task = tune_task(self.model, task, support_images, support_masks, steps=self.tune_steps, lr=self.tune_lr)
+            # The mirrored embeddings get the same correction as the unmirrored one (tuning each of them
+            # would cost 8x); the correction lives in token / prototype space, which mirroring barely moves.
+            delta = [b - a for a, b in zip(start.tensors(), task.tensors(), strict=True)]
+            mirrored = [(axes, TaskEmbedding.from_tensors([t + d for t, d in zip(m.tensors(), delta, strict=True)],
+                                                          m.keys, m.values)) for axes, m in mirrored]
             self.timings["tune"] = time.perf_counter() - t0
         self._task = task.detach()
+        self._mirrored = [(axes, m.detach()) for axes, m in mirrored]
         self.labels = list(labels) if labels is not None else [1]
         self.class_names = None
         return self._task
+
+    def _encode(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> TaskEmbedding:
+        """Encode grid supports (1, K, 1, D, H, W) / (1, K, N, D, H, W) into a float32 task, honouring ``matching``."""
+        with torch.inference_mode(), autocast_for(self.device):
+            task = self.model.encode_task(support_images, support_masks)
+        task = task.map(lambda t: t.float())
+        return task if self.matching else task.without_matching()
 
     def set_memory(self, class_names: Sequence[str], labels: Sequence[int] | None = None) -> TaskEmbedding:
         """Use the class memory bank's stored embeddings of named classes as the task (no support).
@@ -381,6 +407,7 @@ class InContextSegmenter:
         t0 = time.perf_counter()
         task = self.model.memory.get(names)
         self._task = task.map(lambda t: t.detach().float().to(self.device))
+        self._mirrored = []
         self.timings.update(support=time.perf_counter() - t0, tune=0.0)
         self.labels = out_labels
         self.class_names = names
@@ -407,9 +434,15 @@ class InContextSegmenter:
         t0 = time.perf_counter()
         pre = self.preprocessor(volume)
         query = torch.from_numpy(pre.image)[None].to(self.device)  # (1, 1, D, H, W)
+        passes = [((), self._task), *self._mirrored]
         with torch.inference_mode(), autocast_for(self.device):
-            logits = self.model.decode(query, self._task)  # (1, N, D, H, W)
-            probs = torch.sigmoid(logits.float())[0].cpu().numpy()
+            total = None
+            for axes, task in passes:  # mirrored passes: query mirrored like its supports, result mirrored back
+                logits = self.model.decode(query.flip(axes) if axes else query, task)  # (1, N, D, H, W)
+                p = torch.sigmoid(logits.float())
+                p = p.flip(axes) if axes else p
+                total = p if total is None else total + p
+            probs = (total / len(passes))[0].cpu().numpy()
         out = []
         for channel in probs:
             back = pre.record.invert(channel.astype(np.float32), kind="linear")
