@@ -7,7 +7,7 @@ Two classic ways to segment a new image from a handful of labelled examples ("su
   B-spline free-form deformation) and warp its mask onto the query grid with nearest neighbour; with
   several supports, a per-voxel majority vote.
 * **A small U-Net trained from scratch on the supports** (:func:`train_unet_on_supports`): a compact
-  residual 3D U-Net (:class:`irisseg.models.blocks.ResidualBlock`) trained with Dice + BCE and flip /
+  residual 3D U-Net (:class:`irisseg.models.unet.ResidualUNet`) trained with Dice + BCE and flip /
   intensity augmentation for a time budget, then applied to the query.
 
 Both return a uint8 mask :class:`~irisseg.io.Volume` in the query's exact geometry (shape, spacing, origin,
@@ -41,7 +41,7 @@ from torch import nn
 
 from irisseg.errors import InputError
 from irisseg.io import Volume, check_same_geometry
-from irisseg.models.blocks import ResidualBlock
+from irisseg.models.unet import ResidualUNet, UNetConfig
 from irisseg.preprocess import Preprocessor, clip_percentiles, grid_image
 
 __all__ = [
@@ -439,38 +439,26 @@ def atlas_propagation_multi(
 # ===================================================================================================
 # U-Net trained from scratch on the supports
 # ===================================================================================================
-class SmallUNet(nn.Module):
-    """A compact residual 3D U-Net for binary segmentation.
+class SmallUNet(ResidualUNet):
+    """A compact residual 3D U-Net for binary segmentation: :class:`irisseg.models.unet.ResidualUNet` with
+    channels ``base * 2**i`` (i = 0 .. depth), stride 2 at every step, one residual block per level and no
+    deep supervision.
 
-    Encoder: ``ResidualBlock`` stem at full resolution, then ``depth`` stride-2 residual blocks (channels
-    ``base * 2**i``); decoder: transposed-conv 2x up-sampling, concatenation with the skip and a residual
-    block per level; a 1x1x1 head.
+    Encoder: ``ResidualBlock`` stem at full resolution, then ``depth`` stride-2 residual blocks; decoder:
+    transposed-conv 2x up-sampling, concatenation with the skip and a residual block per level; a 1x1x1
+    head.
 
     Arguments:
       in_channels (int): image channels. base (int): stem channels. depth (int): down-sampling steps.
 
-    ``forward(x (B, in_channels, D, H, W))`` with D, H, W multiples of ``2**depth`` returns logits
-    ``(B, 1, D, H, W)``.
+    ``forward(x (B, in_channels, D, H, W))`` returns logits ``(B, 1, D, H, W)``; sizes that are not
+    multiples of ``2**depth`` are padded internally and cropped back.
     """
 
     def __init__(self, in_channels: int = 1, base: int = 12, depth: int = 3):
-        super().__init__()
-        chans = [base * 2**i for i in range(depth + 1)]
+        super().__init__(UNetConfig(name="small-unet", in_channels=in_channels, out_channels=1,
+                                    channels=tuple(base * 2**i for i in range(depth + 1))))
         self.stride = 2**depth
-        self.stem = ResidualBlock(in_channels, chans[0])
-        self.down = nn.ModuleList([ResidualBlock(chans[i], chans[i + 1], stride=2) for i in range(depth)])
-        self.up = nn.ModuleList([nn.ConvTranspose3d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth))])
-        self.dec = nn.ModuleList([ResidualBlock(2 * chans[i], chans[i]) for i in reversed(range(depth))])
-        self.head = nn.Conv3d(chans[0], 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = [self.stem(x)]
-        for block in self.down:
-            skips.append(block(skips[-1]))
-        y = skips.pop()
-        for up, dec in zip(self.up, self.dec):
-            y = dec(torch.cat([up(y), skips.pop()], dim=1))
-        return self.head(y)
 
 
 def _dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -395,6 +395,17 @@ def _probability_paths(target: Path, labels: list[int]) -> list[Path]:
     return [target.with_name(f"{base}_prob_{label}{suffix}") for label in labels]
 
 
+def _commit_staged(files: list[tuple[Path, Path]]) -> None:
+    """Move staged outputs (each alone in its staging subfolder) to their final paths; data files of a
+    header + data pair (e.g. .mhd + .raw) go before their header."""
+    import os
+
+    for staged, final in files:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for written in sorted(staged.parent.iterdir(), key=lambda p: p.name == staged.name):
+            os.replace(written, final.parent / written.name)
+
+
 def _staging_dir(dest: Path) -> Path:
     """A temporary folder on the same file system as ``dest`` (in its nearest existing ancestor)."""
     import tempfile
@@ -428,7 +439,6 @@ def segment(
     A multi-label support mask needs --label. --strategy memory takes --class instead of supports.
     Outputs are written only once every query has been segmented; bad input writes nothing.
     """
-    import os
     import shutil
     import time
 
@@ -489,11 +499,7 @@ def segment(
                     files.append((write_volume(p, staging / f"{len(files)}" / path.name), path))
             ml = {v: float((labels_vol.array == v).sum()) * volume.voxel_volume_ml for v in seg.labels}
             rows.append((q.name, str(target), time.perf_counter() - t0, ml))
-        # Every query succeeded: move the outputs into place (data files before their headers).
-        for staged, final in files:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            for written in sorted(staged.parent.iterdir(), key=lambda p: p.name == staged.name):
-                os.replace(written, final.parent / written.name)
+        _commit_staged(files)  # every query succeeded: move the outputs into place
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -629,6 +635,206 @@ def _root(
         raise typer.Exit()
     if ctx.invoked_subcommand is None:
         console.print(ctx.get_help())
+
+
+# ---------------------------------------------------------------------------------------------------
+# lesion: supervised lesion segmentation
+# ---------------------------------------------------------------------------------------------------
+lesion_app = typer.Typer(
+    name="lesion",
+    help="Supervised lesion segmentation: residual 3D U-Net, lesion-aware patches, whole-volume prediction.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(lesion_app, name="lesion")
+
+
+def _lesion_config(config: Path | None, **overrides):
+    """LesionTrainConfig from YAML (or defaults) with the command-line overrides that were given."""
+    from irisseg.training.lesion import LesionTrainConfig
+
+    cfg = LesionTrainConfig.from_yaml(config) if config else LesionTrainConfig()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return LesionTrainConfig(**{**cfg.to_dict(), **given}) if given else cfg
+
+
+def _check_dataset_dir(data: Path) -> None:
+    if not data.exists():
+        raise InputError(f"{data}: no such dataset folder")
+    if not data.is_dir():
+        raise InputError(f"{data}: not a folder (expected an nnU-Net-style dataset: dataset.json, imagesTr, labelsTr)")
+
+
+@lesion_app.command("train")
+def lesion_train(
+    data: Annotated[Path, typer.Option("--data", help="nnU-Net-style dataset folder (imagesTr/<case>_0000.nii.gz ..., labelsTr/).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: best/, last/, metrics.csv, splits.json, logs/, checkpoints/.")],
+    config: Annotated[Path | None, typer.Option("--config", help="YAML settings (see LesionTrainConfig).")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help="dice_bce | tversky | focal_dice (overrides the config).")] = None,
+    patch: Annotated[int | None, typer.Option("--patch", min=8, help="Patch side in voxels (default 48).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Most epochs (early stopping may end sooner).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.ckpt.")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto (bf16 autocast on cuda).")] = "auto",
+) -> None:
+    """Train a residual 3D U-Net for lesion segmentation on lesion-aware patches.
+
+    Images may have several channels (_0000, _0001, ...); lesion = every non-zero label. Volumes stay on
+    their own voxel grid. Each epoch: steps_per_epoch patch batches, then whole-volume sliding-window
+    validation (Dice, IoU, lesion recall / precision / F1, HD95 in mm) written to OUT/metrics.csv and
+    TensorBoard; early stopping on validation Dice; OUT/best and OUT/last are model folders.
+    """
+    from irisseg.training.lesion import train_lesion
+
+    _check_dataset_dir(data)
+    cfg = _lesion_config(config, loss=loss, patch=patch, epochs=epochs)
+    run = train_lesion(cfg, data, out, resume=resume, device=device)
+    _print_lesion_history(run)
+
+
+def _print_lesion_history(run: Path) -> None:
+    from irisseg.training.lesion import read_metrics_csv
+
+    rows = read_metrics_csv(run / "metrics.csv")
+    if rows:
+        best = max(rows, key=lambda r: r.get("val_dice", -1.0))
+        console.print(f"best epoch {best['epoch']}: val Dice {best['val_dice']:.3f}, IoU {best['val_iou']:.3f}, "
+                      f"lesion recall {best['val_lesion_recall']:.3f}, precision {best['val_lesion_precision']:.3f}")
+    console.print(f"run folder: {run} (models in {run / 'best'} and {run / 'last'}, metrics in {run / 'metrics.csv'})")
+
+
+@lesion_app.command("predict")
+def lesion_predict(
+    model: Annotated[Path, typer.Option("--model", help="Lesion run folder (uses best/) or model folder.")],
+    input: Annotated[Path, typer.Option("--input", help="Image file, or folder of images (<case>_0000.nii.gz ...).")],
+    out: Annotated[Path, typer.Option("--out", help="Output file (one case) or folder (<case>.nii.gz per case).")],
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 probability maps (<case>_prob).")] = False,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Probability threshold (default: the model's, 0.5).")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto (bf16 autocast on cuda).")] = "cpu",
+) -> None:
+    """Segment lesions in whole volumes by sliding-window inference.
+
+    Multi-channel cases are found by nnU-Net naming (<case>_0000, <case>_0001, ... in the same folder).
+    Each output is a uint8 mask (1 = lesion) in exactly its input's geometry (shape, spacing, origin,
+    direction). Outputs are written only once every case has been predicted; bad input writes nothing.
+    """
+    import shutil
+
+    from irisseg.data.datasets import image_cases
+    from irisseg.io import read_volume, volume_suffix, write_volume
+    from irisseg.lesion import LesionPredictor
+
+    predictor = LesionPredictor(model, device=device, threshold=threshold)
+    cases = image_cases(input, predictor.in_channels)
+    if volume_suffix(out):
+        if len(cases) > 1:
+            raise InputError(f"--out {out}: {len(cases)} cases need an output folder, not a file name")
+        targets = [out]
+    else:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out}: exists and is not a folder")
+        targets = [out / f"{case_id}.nii.gz" for case_id, _ in cases]
+    inputs = {p.absolute() for _, paths in cases for p in paths}
+    for t in targets:
+        if t.absolute() in inputs:
+            raise InputError(f"--out {t}: would overwrite an input file")
+    staging = _staging_dir(targets[0].parent)
+    files, rows = [], []
+    try:
+        for (case_id, paths), target in zip(cases, targets, strict=True):
+            channels = [read_volume(p) for p in paths]
+            prob = predictor.predict_probabilities(channels, names=[str(p) for p in paths])
+            mask = prob.with_array((prob.array > predictor.threshold).astype(np.uint8))
+            files.append((write_volume(mask, staging / str(len(files)) / target.name), target))
+            if probabilities:
+                suffix = volume_suffix(target)
+                prob_name = f"{target.name[: len(target.name) - len(suffix)]}_prob{suffix}"
+                files.append((write_volume(prob, staging / str(len(files)) / prob_name), target.with_name(prob_name)))
+            rows.append((case_id, str(target), predictor.seconds, float(mask.array.sum()) * mask.voxel_volume_ml))
+        _commit_staged(files)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    table = Table(title="irisseg lesion predict", title_justify="left")
+    for column, justify in (("case", "left"), ("output", "left"), ("seconds", "right"), ("lesion ml", "right")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for case_id, target, seconds, ml in rows:
+        table.add_row(case_id, target, f"{seconds:.2f}", f"{ml:.3f}")
+    console.print(table)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Write dict rows as CSV atomically (columns: the first row's keys); floats with 6 significant digits."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    tmp.replace(path)
+
+
+@lesion_app.command("evaluate")
+def lesion_evaluate(
+    model: Annotated[Path, typer.Option("--model", help="Lesion run folder (uses best/) or model folder.")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset folder: every labelled case (labelsTr, labelsTs) is scored.")],
+    out: Annotated[Path, typer.Option("--out", help="CSV report: one row per case, then mean and median rows.")],
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "cpu",
+) -> None:
+    """Predict every labelled case of a dataset and write Dice, IoU, lesion recall / precision / F1 and HD95 (mm).
+
+    HD95 is inf for a case with lesions and an empty prediction; the mean and median rows use finite values.
+    """
+    from irisseg.lesion import LesionPredictor, evaluate_dataset, summary_rows
+
+    _check_dataset_dir(data)
+    predictor = LesionPredictor(model, device=device)
+    rows = evaluate_dataset(predictor, data)
+    summary = summary_rows(rows)
+    _write_csv(out, [*rows, *summary])
+    table = Table(title=f"irisseg lesion evaluate: {len(rows)} case(s)", title_justify="left")
+    keys = ("dice", "iou", "lesion_recall", "lesion_precision", "lesion_f1", "hd95")
+    for column in ("case", *keys):
+        table.add_column(column, justify="left" if column == "case" else "right")
+    for r in [*rows, *summary] if len(rows) <= 20 else summary:
+        table.add_row(r["case"], *(_fmt(r[k], 3) for k in keys))
+    console.print(table)
+    console.print(f"wrote {out}")
+
+
+@lesion_app.command("ablate")
+def lesion_ablate(
+    data: Annotated[Path, typer.Option("--data", help="nnU-Net-style dataset folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder: one run per loss, ablation_summary.csv, curves, bar charts, overlays.")],
+    losses: Annotated[str, typer.Option("--losses", help="Comma-separated losses to compare.")] = "dice_bce,tversky,focal_dice",
+    config: Annotated[Path | None, typer.Option("--config", help="YAML settings shared by every run.")] = None,
+    patch: Annotated[int | None, typer.Option("--patch", min=8, help="Patch side in voxels.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Most epochs per run.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "auto",
+) -> None:
+    """Train one run per loss on the same split and seed, then compare them in one table and plots.
+
+    Writes OUT/<loss>/ (run folders; finished runs are not retrained, interrupted ones resume),
+    OUT/ablation_summary.csv (best epoch of each: Dice, IoU, lesion recall / precision / F1, HD95),
+    dice_curve.png, loss_curve.png, ablation_val_dice.png, ablation_val_recall.png and
+    overlay_<case>.png (image / reference / each loss's prediction) for a few validation cases.
+    """
+    from irisseg.training.lesion import ablate_losses
+
+    _check_dataset_dir(data)
+    names = _split_names([losses]) or []
+    cfg = _lesion_config(config, patch=patch, epochs=epochs)
+    rows = ablate_losses(cfg, data, names, out, device=device)
+    table = Table(title="irisseg lesion ablate (best epoch per loss)", title_justify="left")
+    keys = ("val_dice", "val_iou", "val_lesion_recall", "val_lesion_precision", "val_lesion_f1", "val_hd95")
+    for column in ("loss", "best epoch", "minutes", *keys):
+        table.add_column(column, justify="left" if column == "loss" else "right")
+    for r in rows:
+        table.add_row(r["loss"], str(r["best_epoch"]), f"{r['minutes']:.1f}", *(_fmt(r[k], 3) for k in keys))
+    console.print(table)
+    console.print(f"wrote {out}/ablation_summary.csv and plots")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,16 +9,37 @@ Every loss takes raw logits (before the sigmoid) and a target of the same shape 
 * ``"none"``: a (B, N) tensor.
 
 Losses are computed in float32 whatever the input dtype (bf16 logits from autocast included).
+
+The overlap losses share one soft core: with ``p = sigmoid(logits)`` and ``g = target`` summed over the
+voxels of each (batch item, class), ``TP = sum p g``, ``FP = sum p - TP``, ``FN = sum g - TP`` and the
+Tversky index ``(TP + s_nr) / (TP + alpha FP + beta FN + s_dr)``. Soft Dice is its ``alpha = beta = 1/2``
+case (with the smoothing halved); :func:`tversky_loss` weighs false negatives more (``beta > alpha``) to
+favour recall; :func:`dice_bce_loss` and :func:`focal_dice_loss` add a voxel-wise term to the Dice.
+:func:`get_loss` picks one by name (``LOSSES``) and :func:`deep_supervision_loss` applies one to a
+network's list of multi-resolution outputs.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["soft_dice_loss", "dice_bce_loss"]
+from irisseg.errors import InputError
+
+__all__ = [
+    "soft_dice_loss",
+    "dice_bce_loss",
+    "tversky_loss",
+    "focal_dice_loss",
+    "deep_supervision_loss",
+    "get_loss",
+    "LOSSES",
+]
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -38,6 +59,27 @@ def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
     if logits.ndim < 3:
         raise ValueError(f"expected (B, N, *spatial) tensors, got shape {tuple(logits.shape)}")
+
+
+def _soft_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft true positives, false positives and false negatives per (batch item, class).
+
+    ``TP = sum_v p g``, ``FP = sum_v p - TP``, ``FN = sum_v g - TP`` with ``p = sigmoid(logits)``, each
+    (B, N) float32, from (B, N, *spatial) logits and targets of the same shape.
+    """
+    _check(logits, target)
+    prob = torch.sigmoid(logits.float())
+    tgt = target.float()
+    dims = tuple(range(2, logits.ndim))
+    tp = (prob * tgt).sum(dims)
+    return tp, prob.sum(dims) - tp, tgt.sum(dims) - tp
+
+
+def _tversky_core(logits: torch.Tensor, target: torch.Tensor, alpha: float, beta: float, smooth_nr: float,
+                  smooth_dr: float) -> torch.Tensor:
+    """``1 - (TP + smooth_nr) / (TP + alpha FP + beta FN + smooth_dr)`` per (batch item, class): (B, N)."""
+    tp, fp, fn = _soft_counts(logits, target)
+    return 1.0 - (tp + smooth_nr) / (tp + alpha * fp + beta * fn + smooth_dr)
 
 
 def soft_dice_loss(
@@ -67,13 +109,8 @@ def soft_dice_loss(
     Returns:
       torch.Tensor: float32 scalar, or (B, N) with ``reduction="none"``; each entry in [0, 1].
     """
-    _check(logits, target)
-    prob = torch.sigmoid(logits.float())
-    tgt = target.float()
-    dims = tuple(range(2, logits.ndim))
-    intersection = (prob * tgt).sum(dims)
-    denominator = prob.sum(dims) + tgt.sum(dims)
-    loss = 1.0 - (2.0 * intersection + smooth_nr) / (denominator + smooth_dr)
+    # 1 - (2 TP + s_nr) / (2 TP + FP + FN + s_dr) = 1 - (TP + s_nr / 2) / (TP + FP / 2 + FN / 2 + s_dr / 2)
+    loss = _tversky_core(logits, target, 0.5, 0.5, 0.5 * smooth_nr, 0.5 * smooth_dr)
     return _reduce(loss, reduction)
 
 
@@ -111,3 +148,193 @@ def dice_bce_loss(
     bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
     bce = bce.flatten(2).mean(-1)  # (B, N)
     return _reduce(dice_weight * dice + bce_weight * bce, reduction)
+
+
+def tversky_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 0.3,
+    beta: float = 0.7,
+    reduction: Reduction = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+) -> torch.Tensor:
+    """Tversky loss on sigmoid probabilities (Salehi et al. 2017), per sample and class.
+
+    With ``p = sigmoid(logits)``, ``g = target`` and sums over the spatial voxels ``v`` of each
+    (batch item ``b``, class ``n``)::
+
+        TP = sum_v p * g        FP = sum_v p * (1 - g)        FN = sum_v (1 - p) * g
+        tversky_loss[b, n] = 1 - (TP + smooth_nr) / (TP + alpha * FP + beta * FN + smooth_dr)
+
+    ``beta > alpha`` penalises missed foreground more than false alarms, trading precision for recall
+    (the default 0.3 / 0.7 is the usual choice for small lesions). ``alpha = beta = 0.5`` gives the soft
+    Dice loss of :func:`soft_dice_loss` (exactly so when the smoothing here is half of Dice's). This is
+    MONAI's ``TverskyLoss(sigmoid=True, alpha=alpha, beta=beta, smooth_nr=1e-5, smooth_dr=1e-5,
+    batch=False)`` with the same defaults for the smoothing.
+
+    Arguments:
+      logits (torch.Tensor): (B, N, *spatial) raw scores, e.g. (B, N, D, H, W).
+      target (torch.Tensor): same shape, values in [0, 1] (a binary mask per class).
+      alpha (float): weight of the false positives. beta (float): weight of the false negatives.
+      reduction: ``"mean"`` | ``"sum"`` | ``"none"`` over the (B, N) entries.
+      smooth_nr, smooth_dr (float): smoothing added to the numerator and the denominator.
+
+    Returns:
+      torch.Tensor: float32 scalar, or (B, N) with ``reduction="none"``; each entry in [0, 1] (near 0 for
+      a confident, perfect prediction, also of an empty target).
+    """
+    return _reduce(_tversky_core(logits, target, alpha, beta, smooth_nr, smooth_dr), reduction)
+
+
+def _focal_bce(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float | None) -> torch.Tensor:
+    """Voxel-wise sigmoid focal loss, (B, N, *spatial) float32 (see :func:`focal_dice_loss`)."""
+    x, g = logits.float(), target.float()
+    bce = F.binary_cross_entropy_with_logits(x, g, reduction="none")
+    # 1 - p_t = sigmoid(-x) where g = 1 and sigmoid(x) where g = 0; in log space for stability
+    loss = torch.exp(gamma * F.logsigmoid(-x * (2.0 * g - 1.0))) * bce
+    if alpha is not None:
+        loss = (alpha * g + (1.0 - alpha) * (1.0 - g)) * loss
+    return loss
+
+
+def focal_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float = 2.0,
+    alpha: float | None = None,
+    reduction: Reduction = "mean",
+    smooth: float = 1e-5,
+    dice_weight: float = 1.0,
+    focal_weight: float = 1.0,
+) -> torch.Tensor:
+    """Soft Dice plus the sigmoid focal loss (Lin et al. 2017): "focal-Dice" as MONAI's ``DiceFocalLoss``.
+
+    Per (batch item ``b``, class ``n``), with ``V`` voxels, ``p = sigmoid(x)`` and ``p_t = p`` where
+    ``g = 1``, ``1 - p`` where ``g = 0``::
+
+        focal[b, n] = (1 / V) * sum_v a_t * (1 - p_t)**gamma * bce_v
+        loss[b, n]  = dice_weight * dice_loss[b, n] + focal_weight * focal[b, n]
+
+    with ``bce_v = -[g log p + (1 - g) log(1 - p)]``, ``a_t = alpha`` where ``g = 1`` and ``1 - alpha``
+    where ``g = 0`` (``a_t = 1`` when ``alpha`` is None), and ``dice_loss`` from :func:`soft_dice_loss`
+    (smooth_nr = smooth_dr = ``smooth``). The focal factor ``(1 - p_t)**gamma`` turns down the
+    cross-entropy of the many easy background voxels, so the few hard (lesion-border, small-lesion)
+    voxels dominate the voxel-wise term; ``gamma = 0`` and ``alpha = None`` give :func:`dice_bce_loss`.
+    This is MONAI's ``DiceFocalLoss(sigmoid=True, gamma=gamma, alpha=alpha, smooth_nr=smooth,
+    smooth_dr=smooth, lambda_dice=dice_weight, lambda_focal=focal_weight)`` with ``reduction="mean"``.
+
+    Arguments:
+      logits (torch.Tensor): (B, N, *spatial) raw scores, e.g. (B, N, D, H, W).
+      target (torch.Tensor): same shape, values in {0, 1} (a binary mask per class).
+      gamma (float): focusing exponent (>= 0; 2 is the usual value).
+      alpha (float | None): weight of the foreground voxels in the focal term (background: ``1 - alpha``).
+      reduction: ``"mean"`` (scalar, default) | ``"sum"`` | ``"none"`` ((B, N)).
+      smooth (float): Dice smoothing (1e-5).
+      dice_weight, focal_weight (float): weights of the two terms.
+
+    Returns:
+      torch.Tensor: float32 scalar, or (B, N) with ``reduction="none"``; near 0 for a confident, perfect
+      prediction.
+    """
+    if gamma < 0:
+        raise ValueError(f"gamma must be non-negative, got {gamma}")
+    dice = soft_dice_loss(logits, target, reduction="none", smooth_nr=smooth, smooth_dr=smooth)
+    focal = _focal_bce(logits, target, gamma, alpha).flatten(2).mean(-1)  # (B, N)
+    return _reduce(dice_weight * dice + focal_weight * focal, reduction)
+
+
+def _downsample_target(target: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
+    """``target`` (B, N, *spatial) pooled to (B, N, *size): fraction covered ("area") or any voxel set ("max")."""
+    if tuple(target.shape[2:]) == tuple(size):
+        return target
+    spatial = target.ndim - 2
+    pools = {
+        "area": {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d},
+        "max": {2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d},
+    }
+    if mode not in pools:
+        raise ValueError(f"mode must be 'area' or 'max', got {mode!r}")
+    if spatial not in (2, 3):
+        raise ValueError(f"deep supervision needs 2D or 3D targets, got shape {tuple(target.shape)}")
+    return pools[mode][spatial](target.float(), tuple(int(s) for s in size))
+
+
+def deep_supervision_loss(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    outputs: torch.Tensor | Sequence[torch.Tensor],
+    target: torch.Tensor,
+    weights: Sequence[float] | None = None,
+    mode: str = "area",
+) -> torch.Tensor:
+    """A loss over a network's multi-resolution outputs (deep supervision), nnU-Net style.
+
+    ``loss = sum_k w_k * loss_fn(outputs[k], target_k)`` where ``target_k`` is ``target`` pooled to the
+    spatial size of ``outputs[k]``: ``"area"`` (default) the fraction of each coarse voxel covered by the
+    mask (soft targets in [0, 1]), ``"max"`` 1 where any covered voxel is foreground (keeps every small
+    lesion visible at coarse scales). Pooling is exact box pooling when the target's size is a multiple of
+    the output's (train on patches that are multiples of the network's total stride); otherwise adaptive
+    pooling, which is only approximately aligned with :class:`~irisseg.models.unet.ResidualUNet`'s
+    end-padding.
+
+    Arguments:
+      loss_fn: ``loss_fn(logits, target) -> scalar``, e.g. ``get_loss("tversky")``.
+      outputs (torch.Tensor | Sequence[torch.Tensor]): one (B, N, *spatial) logit tensor (then this is just
+        ``loss_fn(outputs, target)``) or the list ``[main (B, N, D, H, W), aux_1 (B, N, d1, h1, w1), ...]``
+        of a deep-supervised network in training mode.
+      target (torch.Tensor): (B, N, D, H, W) full-resolution target, values in [0, 1].
+      weights (Sequence[float] | None): one weight per output; None: ``2**-k`` for output ``k``,
+        normalised to sum to 1 (nnU-Net's weighting).
+      mode (str): ``"area"`` or ``"max"`` (see above).
+
+    Returns:
+      torch.Tensor: float32 scalar.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return loss_fn(outputs, target)
+    outputs = list(outputs)
+    if not outputs:
+        raise ValueError("deep_supervision_loss needs at least one output")
+    if weights is None:
+        raw = [2.0**-k for k in range(len(outputs))]
+        weights = [w / sum(raw) for w in raw]
+    if len(weights) != len(outputs):
+        raise ValueError(f"got {len(weights)} weights for {len(outputs)} outputs")
+    total = torch.zeros((), dtype=torch.float32, device=target.device)
+    for w, out in zip(weights, outputs):
+        if w:
+            total = total + w * loss_fn(out, _downsample_target(target, out.shape[2:], mode))
+    return total
+
+
+#: The losses :func:`get_loss` knows, by name (the ``--loss`` choices of ``irisseg lesion train``).
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "dice_bce": dice_bce_loss,
+    "tversky": tversky_loss,
+    "focal_dice": focal_dice_loss,
+}
+
+
+def get_loss(name: str, **kwargs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss called ``name`` with its options bound: ``get_loss("tversky", alpha=0.3, beta=0.7)``.
+
+    Arguments:
+      name (str): a key of :data:`LOSSES` (``dice_bce``, ``tversky``, ``focal_dice``; ``-`` is read as ``_``).
+      **kwargs: keyword options of that loss (e.g. ``alpha``, ``beta``, ``gamma``, ``reduction``).
+
+    Returns:
+      Callable: ``loss(logits (B, N, *spatial), target (B, N, *spatial)) -> torch.Tensor``.
+
+    Raises:
+      InputError: an unknown name, or an option the loss does not take.
+    """
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in LOSSES:
+        raise InputError(f"unknown loss {name!r} (choose from {', '.join(LOSSES)})")
+    fn = LOSSES[key]
+    params = inspect.signature(fn).parameters
+    bad = sorted(k for k in kwargs if k not in params or k in ("logits", "target"))
+    if bad:
+        options = ", ".join(k for k in params if k not in ("logits", "target"))
+        raise InputError(f"loss {key!r} takes no option(s) {', '.join(bad)} (options: {options})")
+    return functools.partial(fn, **kwargs)

@@ -18,7 +18,8 @@ import numpy as np
 
 from irisseg.errors import InputError
 
-__all__ = ["triplanar_overlay", "triplanar_overlays", "draw_triplanar", "as_mask_dict", "mask_centre"]
+__all__ = ["triplanar_overlay", "triplanar_overlays", "draw_triplanar", "as_mask_dict", "mask_centre", "line_plot",
+           "bar_chart"]
 
 #: Overlay colours: masks of a dict in their order, label ``k`` of a label map gets ``COLOURS[k - 1]``.
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
@@ -232,3 +233,69 @@ def triplanar_overlay(image: np.ndarray, masks: MaskInput, out_png: str | os.Pat
       Path: ``out_png``.
     """
     return triplanar_overlays([{"image": image, "masks": masks, "spacing": spacing, **kwargs}], out_png, title)
+
+
+def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], out_png: str | os.PathLike, *,
+              xlabel: str, ylabel: str, title: str | None = None, styles: Mapping[str, str] | None = None,
+              dpi: int = 110) -> Path:
+    """Curves (e.g. validation Dice per epoch, one per run) in one PNG.
+
+    Arguments:
+      series: ``{name: (x values, y values)}``, one line each, drawn in :data:`COLOURS` order; non-finite
+        y values are skipped.
+      out_png: output PNG path (written atomically). xlabel, ylabel, title: axis labels and title.
+      styles: optional matplotlib line style per name (e.g. ``"--"``).
+
+    Returns:
+      Path: ``out_png``.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=dpi)
+    ax = fig.subplots()
+    for i, (name, (x, y)) in enumerate(series.items()):
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        ok = np.isfinite(y)
+        ax.plot(x[ok], y[ok], (styles or {}).get(name, "-"), color=COLOURS[i % len(COLOURS)], marker=".", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def bar_chart(values: Mapping[str, float], out_png: str | os.PathLike, *, ylabel: str, title: str | None = None,
+              errors: Mapping[str, float] | None = None, ylim: tuple[float, float] | None = None,
+              dpi: int = 110) -> Path:
+    """One bar per name with its value printed above it (e.g. validation Dice per loss).
+
+    Arguments:
+      values: ``{name: value}`` in drawing order. errors: optional ``{name: error bar half-length}``.
+      out_png: output PNG path (written atomically). ylabel, title: labels. ylim: y-axis range.
+
+    Returns:
+      Path: ``out_png``.
+    """
+    from matplotlib.figure import Figure
+
+    names = list(values)
+    heights = [float(values[n]) for n in names]
+    fig = Figure(figsize=(1.2 + 1.1 * max(1, len(names)), 3.8), dpi=dpi)
+    ax = fig.subplots()
+    yerr = [float(errors.get(n, 0.0)) for n in names] if errors else None
+    bars = ax.bar(names, heights, yerr=yerr, color=[COLOURS[i % len(COLOURS)] for i in range(len(names))], capsize=3)
+    for bar, h in zip(bars, heights, strict=True):
+        ax.annotate(f"{h:.3f}", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 2), textcoords="offset points")
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out_png)

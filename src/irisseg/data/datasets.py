@@ -62,6 +62,7 @@ from irisseg.io import (
 
 __all__ = [
     "Case",
+    "image_cases",
     "Dataset",
     "load_dataset",
     "stack_channels",
@@ -524,6 +525,56 @@ def _check_no_unsuffixed(folder: Path, unsuffixed: list[str], ending: str) -> No
             f"{folder / unsuffixed[0]}: image name lacks the channel suffix _XXXX (nnU-Net v2 expects "
             f"{stem}_0000{ending}); {len(unsuffixed)} such file(s) in {folder.name}"
         )
+
+
+def image_cases(path: str | os.PathLike, n_channels: int = 1) -> list[tuple[str, list[Path]]]:
+    """The cases to predict in a file or folder, grouping nnU-Net channel files.
+
+    Arguments:
+      path: an image file, or a folder of image files (e.g. ``imagesTs``). Channel files follow nnU-Net's
+        ``<case>_<XXXX><ending>`` naming; with ``n_channels`` 1 a file without the suffix is a case by itself.
+        Given a channel file ``<case>_0000<ending>``, its sibling channels are found next to it.
+      n_channels (int): image channels the model expects.
+
+    Returns:
+      list[tuple[str, list[Path]]]: ``(case id, channel paths in channel order)``, sorted by case id.
+
+    Raises:
+      InputError: no such file or folder, no image in it, a case lacking a channel file, or (with several
+        channels) a file without the channel suffix.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_file():
+        ending = volume_suffix(path)
+        if not ending:
+            raise InputError(f"{path}: not an image file (expected one of {', '.join(SUFFIXES)})")
+        stem = path.name[: -len(ending)]
+        match = _CHANNEL_RE.match(stem)
+        if match is None or (n_channels == 1 and match["channel"] != "0000"):
+            if n_channels != 1:
+                raise InputError(f"{path}: the model expects {n_channels} channels: name the files "
+                                 f"<case>_0000{ending} ... <case>_{n_channels - 1:04d}{ending}")
+            return [(stem, [path])]
+        case_id = match["case"]
+        paths = [path.with_name(f"{case_id}_{c:04d}{ending}") for c in range(n_channels)]
+        for p in paths:
+            if not p.is_file():
+                raise InputError(f"{p}: missing channel file (the model expects {n_channels} channel(s))")
+        return [(case_id, paths)]
+    ending = _infer_ending(path)
+    found, unsuffixed = _scan_channel_files(path, ending)
+    if n_channels != 1:
+        _check_no_unsuffixed(path, unsuffixed, ending)
+    problems: list[str] = []
+    grouped = _channel_problems(path, found, n_channels, ending, problems)
+    _raise_problems(path, problems)
+    cases = [(cid, paths) for cid, paths in grouped.items()]
+    cases += [(_strip_ending(name, ending), [path / name]) for name in unsuffixed]
+    if not cases:
+        raise InputError(f"{path}: no image file ending in {ending}")
+    return sorted(cases)
 
 
 def _load_v2(root: Path, json_path: Path, meta: dict) -> Dataset:

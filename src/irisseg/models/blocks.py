@@ -12,6 +12,7 @@ from torch import nn
 
 __all__ = [
     "ResidualBlock",
+    "nd_layers",
     "FiLM",
     "AttentionBlock",
     "MLP",
@@ -20,28 +21,51 @@ __all__ = [
 ]
 
 
+def nd_layers(spatial_dims: int = 3) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
+    """The convolution, transposed convolution and instance-norm classes for 2D or 3D networks.
+
+    Arguments:
+      spatial_dims (int): 2 (``(B, C, H, W)`` tensors) or 3 (``(B, C, D, H, W)``).
+
+    Returns:
+      tuple: ``(Conv, ConvTranspose, InstanceNorm)``, e.g. ``(nn.Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d)``.
+    """
+    if spatial_dims == 3:
+        return nn.Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d
+    if spatial_dims == 2:
+        return nn.Conv2d, nn.ConvTranspose2d, nn.InstanceNorm2d
+    raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+
+
 class ResidualBlock(nn.Module):
     """Two 3x3x3 convolutions with InstanceNorm (affine) and LeakyReLU(0.01), plus a shortcut.
 
     Arguments:
       in_channels, out_channels (int): channel counts.
-      stride (int): stride of the first convolution (2 halves D, H and W); the shortcut is a strided 1x1x1
-        convolution whenever the shape changes.
+      stride (int | tuple[int, ...]): stride of the first convolution (2 halves D, H and W; a tuple such as
+        ``(1, 2, 2)`` strides each axis on its own); the shortcut is a strided 1x1x1 convolution whenever
+        the shape changes.
+      spatial_dims (int): 3 (default, ``nn.Conv3d``) or 2 (the same block with ``nn.Conv2d`` on
+        ``(B, C, H, W)`` tensors). Parameter names do not depend on it.
 
-    Input ``(B, in_channels, D, H, W)`` -> output ``(B, out_channels, D/stride, H/stride, W/stride)``.
+    Input ``(B, in_channels, D, H, W)`` -> output ``(B, out_channels, D/stride, H/stride, W/stride)``
+    (sizes rounded up: ``ceil(D / stride)``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, stride: int | tuple[int, ...] = 1,
+                 spatial_dims: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = nn.InstanceNorm3d(out_channels, affine=True)
-        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2 = nn.InstanceNorm3d(out_channels, affine=True)
+        conv, _, norm = nd_layers(spatial_dims)
+        self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = norm(out_channels, affine=True)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = norm(out_channels, affine=True)
         self.act = nn.LeakyReLU(0.01, inplace=True)
-        if stride != 1 or in_channels != out_channels:
+        strided = any(s != 1 for s in stride) if isinstance(stride, (tuple, list)) else stride != 1
+        if strided or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.InstanceNorm3d(out_channels, affine=True),
+                conv(in_channels, out_channels, 1, stride=stride, bias=False),
+                norm(out_channels, affine=True),
             )
         else:
             self.shortcut = nn.Identity()

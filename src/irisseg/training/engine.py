@@ -9,14 +9,45 @@ they are loaded with ``weights_only=True``. What users share are the exported mo
 from __future__ import annotations
 
 import warnings
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import lightning as L
+import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from irisseg.errors import InputError
 from irisseg.incontext import resolve_device
+
+
+class YamlConfig:
+    """Mixin for training-config dataclasses: read from a YAML file (unknown keys are an error), dump to a dict."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path):
+        """The config in ``path``: a YAML mapping of field names to values (missing fields keep their defaults).
+
+        Raises:
+          InputError: no such file, invalid YAML, not a mapping, or an unknown key (the message lists the known ones).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise InputError(f"{path}: invalid YAML ({' '.join(str(exc).split())[:150]})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def loggers(run_dir: Path) -> list:
@@ -46,6 +77,7 @@ def make_trainer(
     callbacks: list[Callback] | None = None,
     progress: bool = True,
     log_every_n_steps: int = 10,
+    **trainer_kwargs,
 ) -> L.Trainer:
     """Build the Trainer every irisseg pipeline uses.
 
@@ -57,13 +89,21 @@ def make_trainer(
       checkpoint_every_n_steps: save ``last.ckpt`` every this many steps (default: at each validation/epoch).
       gradient_clip_val: gradient-norm clipping (1.0 by default).
       callbacks: extra callbacks (e.g. model export, early stopping).
+      trainer_kwargs: passed to ``lightning.Trainer`` as is (e.g. ``limit_train_batches``, ``max_time``).
     """
     run_dir = Path(run_dir)
     accelerator = resolve_device(device).type
-    ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-                           every_n_train_steps=checkpoint_every_n_steps, save_on_train_epoch_end=checkpoint_every_n_steps is None)
+    if checkpoint_every_n_steps:
+        ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                               every_n_train_steps=checkpoint_every_n_steps)
+    else:
+        # Lightning saves last.ckpt at an epoch's end only together with a top-k checkpoint: keep one
+        # unmonitored "top-k" checkpoint named last.ckpt, overwritten every epoch.
+        ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="last", save_top_k=1, monitor=None,
+                               every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
     bar: list[Callback] = [RichProgressBar(leave=True)] if progress else []
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
     return L.Trainer(
         default_root_dir=str(run_dir),
@@ -83,6 +123,7 @@ def make_trainer(
         log_every_n_steps=log_every_n_steps,
         num_sanity_val_steps=0,
         deterministic=False,
+        **trainer_kwargs,
     )
 
 

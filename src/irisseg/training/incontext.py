@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -24,11 +24,11 @@ from irisseg.data.episodes import AugmentConfig, DatasetEpisodes, SyntheticEpiso
 from irisseg.errors import InputError
 from irisseg.losses import dice_bce_loss
 from irisseg.models.iris import IrisConfig, IrisModel, build_iris, transfer_weights
-from irisseg.training.engine import make_trainer, resume_path
+from irisseg.training.engine import YamlConfig, make_trainer, resume_path
 
 
 @dataclass
-class IncontextTrainConfig:
+class IncontextTrainConfig(YamlConfig):
     """Settings of ``irisseg train`` (a YAML file with these keys; unknown keys are an error).
 
     Attributes:
@@ -78,24 +78,6 @@ class IncontextTrainConfig:
     init_from: str | None = None
     match_dropout: float = 0.2
     val_crop: int | None = None
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> IncontextTrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: no such config file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise InputError(f"{path}: invalid YAML ({' '.join(str(exc).split())[:150]})") from None
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class _Mixture(IterableDataset):

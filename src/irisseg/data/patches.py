@@ -1,0 +1,610 @@
+"""Lesion-aware patch sampling for supervised lesion segmentation (written from scratch).
+
+Small lesions fill a tiny fraction of a 3D MRI volume, so patches drawn uniformly are almost all empty.
+:class:`PatchSampler` draws patches of one case two ways:
+
+* **positive** draws (a fraction ``positive_fraction`` of them) are centred on a lesion voxel. With
+  ``component_balanced=True`` (the default) a lesion connected component is picked uniformly first, then
+  a voxel inside it, so a 20-voxel lesion is the centre as often as a 20,000-voxel one; with
+  ``component_balanced=False`` every lesion voxel is equally likely (large lesions dominate).
+* **negative** draws are centred on any voxel of the body/brain mask. The mask is given, or derived from
+  the image by :func:`body_mask` (voxels above a low intensity threshold in any channel, holes filled).
+  A negative patch may contain lesion by chance; it is "negative" only in how its centre was chosen.
+
+Precomputation (once per case, in :class:`PatchSampler`'s constructor): the lesion connected components
+(``scipy.ndimage.label``, 6-connected by default as in :mod:`irisseg.data.synthetic`), the flat indices of
+the lesion voxels grouped by component, and the flat indices of the body voxels. Indices are int32 (int64
+only for volumes of 2^31 voxels or more), one integer per voxel instead of three coordinates; components
+above ``max_component_voxels`` and bodies above ``max_body_voxels`` are randomly subsampled (a fixed
+seeded subset), which leaves the draws uniform over the kept voxels and the component weights unchanged
+(unbalanced draws weight components by their true size). Drawing a centre is then O(1).
+
+Patch placement (``border``): the window is the box ``[c - p // 2, c - p // 2 + p)`` around the centre
+``c``. With ``"shift"`` (default) the window is moved inwards where it would cross the volume's border,
+so it lies inside the volume whenever the volume is at least ``p`` long on that axis, and contains the
+whole volume otherwise (the centre voxel is always inside the patch, not always at its middle); with
+``"pad"`` it is never moved, so the centre voxel is always at index ``p // 2``. Whatever lies outside
+the volume is padded: the image with ``pad_value`` (default: each channel's minimum over the case, the
+background of raw or z-scored MRI), the label with 0; the ``valid`` mask (1 inside the volume, 0 in the
+padding) says which voxels are real, e.g. to mask a loss.
+
+Empty labels: a case without lesion voxels cannot give positive draws; a positive draw then falls back
+to a negative one (``PatchSample.positive`` is False), without warning. :class:`LesionPatchDataset`
+avoids this across a dataset by picking, for a positive draw, a case among those with lesions, so the
+positive fraction holds over the dataset as long as one case has a lesion.
+
+Conventions: images ``(C, D, H, W)`` (a ``(D, H, W)`` array is one channel), labels ``(D, H, W)`` with any
+non-zero value counting as lesion, patches ``(C, p0, p1, p2)`` float32 and labels ``(1, p0, p1, p2)``
+float32 in {0, 1}. Arrays are used as given: normalise them first (e.g. with
+:class:`irisseg.preprocess.Preprocessor`). Every draw takes a ``numpy.random.Generator``, so the same seed
+gives the same patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from torch.utils.data import IterableDataset, get_worker_info
+
+from irisseg.errors import InputError
+
+__all__ = [
+    "BORDERS",
+    "PatchConfig",
+    "PatchAugmentConfig",
+    "PatchSample",
+    "PatchSampler",
+    "LesionPatchDataset",
+    "body_mask",
+    "extract_patch",
+    "window_start",
+    "augment_patch",
+]
+
+#: Patch placement modes at the volume border (see the module docstring).
+BORDERS = ("shift", "pad")
+
+# SeedSequence tags, so that subsampling and drawing streams never share a seed.
+_PREP_TAG = 0x5EED_0001
+_STREAM_TAG = 0x5EED_0002
+
+
+def _triple(value, name: str) -> tuple[int, int, int]:
+    """An int or a 3-sequence of ints (e.g. from YAML) -> a tuple of three positive ints."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (int(value),) * 3
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be an int or three ints, got {value!r}") from None
+    if len(out) != 3 or min(out) < 1:
+        raise InputError(f"{name} must be an int or three ints, each >= 1, got {value!r}")
+    return out
+
+
+# ===================================================================================================
+# configs
+# ===================================================================================================
+@dataclass
+class PatchConfig:
+    """How :class:`PatchSampler` and :class:`LesionPatchDataset` draw patches.
+
+    Attributes:
+      patch_size: patch shape in voxels, one int for a cube or ``(p0, p1, p2)`` along ``(D, H, W)``;
+        stored as a tuple after validation.
+      positive_fraction: probability that a draw is centred on a lesion voxel, in [0, 1].
+      component_balanced: pick a lesion connected component uniformly, then a voxel inside it (True), or
+        a lesion voxel uniformly (False).
+      connectivity: lesion components: 1 = 6-connected faces, 2 = 18, 3 = 26 (``scipy.ndimage``).
+      border: ``"shift"`` (move the window inside the volume) or ``"pad"`` (keep the centre in the middle
+        of the patch, pad whatever is outside); see :data:`BORDERS`.
+      pad_value: image value of padded voxels, one for every channel; None = each channel's minimum.
+      body_threshold: when no body mask is given, a voxel is body if any channel exceeds
+        ``min + body_threshold * (max - min)`` of that channel (0 = above the minimum, "non-zero" for
+        images whose background is 0); see :func:`body_mask`.
+      fill_body_holes: fill enclosed holes of the derived body mask (dark ventricles, hypo-intense lesions).
+      max_body_voxels: keep at most this many body voxels as negative centres (random subset), None = all.
+      max_component_voxels: keep at most this many voxels per lesion component as positive centres
+        (random subset), None = all.
+    """
+
+    patch_size: int | tuple[int, int, int] = 48
+    positive_fraction: float = 0.5
+    component_balanced: bool = True
+    connectivity: int = 1
+    border: str = "shift"
+    pad_value: float | None = None
+    body_threshold: float = 0.05
+    fill_body_holes: bool = True
+    max_body_voxels: int | None = 1_000_000
+    max_component_voxels: int | None = 100_000
+
+    def __post_init__(self):
+        self.patch_size = _triple(self.patch_size, "patch_size")
+        if not 0.0 <= float(self.positive_fraction) <= 1.0:
+            raise InputError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
+        if self.connectivity not in (1, 2, 3):
+            raise InputError(f"connectivity must be 1, 2 or 3, got {self.connectivity}")
+        if self.border not in BORDERS:
+            raise InputError(f"border must be one of {', '.join(BORDERS)}, got {self.border!r}")
+        if not 0.0 <= float(self.body_threshold) < 1.0:
+            raise InputError(f"body_threshold must be in [0, 1), got {self.body_threshold}")
+        for name in ("max_body_voxels", "max_component_voxels"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise InputError(f"{name} must be >= 1 or None, got {value}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PatchAugmentConfig:
+    """Cheap tensor augmentation of a patch (:func:`augment_patch`); all randomness from one generator.
+
+    Attributes:
+      flip: probability of flipping each spatial axis, independently (image, label and valid mask alike).
+      scale: (min, max) multiplicative intensity factor, drawn per channel.
+      shift: (min, max) additive intensity offset, drawn per channel (in image units: standard
+        deviations for z-scored images).
+      intensity_prob: probability of applying the scale and shift.
+      noise_std: largest standard deviation of additive Gaussian noise (drawn uniformly in [0, noise_std]).
+      noise_prob: probability of adding noise.
+    """
+
+    flip: float = 0.5
+    scale: tuple[float, float] = (0.9, 1.1)
+    shift: tuple[float, float] = (-0.1, 0.1)
+    intensity_prob: float = 1.0
+    noise_std: float = 0.05
+    noise_prob: float = 0.5
+
+    def __post_init__(self):
+        self.scale = tuple(float(v) for v in self.scale)
+        self.shift = tuple(float(v) for v in self.shift)
+        for name in ("flip", "intensity_prob", "noise_prob"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise InputError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        for name in ("scale", "shift"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+                raise InputError(f"{name} must be (min, max) with min <= max, got {lo_hi}")
+        if self.noise_std < 0:
+            raise InputError(f"noise_std must be >= 0, got {self.noise_std}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ===================================================================================================
+# array helpers
+# ===================================================================================================
+def _as_channels(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4:
+        raise InputError(f"image must be (D, H, W) or (C, D, H, W), got shape {image.shape}")
+    return image
+
+
+def body_mask(image: np.ndarray, threshold: float = 0.05, fill_holes: bool = True) -> np.ndarray:
+    """Body/brain mask derived from the intensities: voxels clearly above the background in some channel.
+
+    A voxel is inside when, for at least one channel, its value exceeds ``min + threshold * (max - min)``
+    of that channel (a constant channel never counts). With ``threshold=0`` this is "above the minimum",
+    i.e. non-zero for images whose background is 0. Works the same on raw and z-scored intensities.
+
+    Arguments:
+      image (np.ndarray): (C, D, H, W) or (D, H, W) intensities.
+      threshold (float): fraction of each channel's range above its minimum, in [0, 1).
+      fill_holes (bool): fill enclosed holes (``scipy.ndimage.binary_fill_holes``).
+
+    Returns:
+      np.ndarray: bool (D, H, W); may be empty (e.g. an all-constant image).
+    """
+    image = _as_channels(image)
+    mask = np.zeros(image.shape[1:], dtype=bool)
+    for channel in image:
+        lo, hi = float(channel.min()), float(channel.max())
+        if hi > lo:
+            mask |= channel > lo + threshold * (hi - lo)
+    if fill_holes and mask.any():
+        mask = ndi.binary_fill_holes(mask)
+    return mask
+
+
+def window_start(centre: Sequence[int], shape: Sequence[int], patch_size: Sequence[int],
+                 border: str = "shift") -> np.ndarray:
+    """Corner of the patch window around a centre voxel (see the module docstring for ``border``).
+
+    Arguments:
+      centre (Sequence[int]): (3,) voxel index (d, h, w) inside the volume.
+      shape (Sequence[int]): (3,) volume shape (D, H, W).
+      patch_size (Sequence[int]): (3,) patch shape (p0, p1, p2).
+      border (str): ``"shift"`` or ``"pad"``.
+
+    Returns:
+      np.ndarray: int64 (3,) index of the patch's first voxel in volume coordinates; negative or past
+      ``shape - patch_size`` where the patch reaches outside the volume (that part is padded).
+    """
+    centre, shape, size = (np.asarray(v, dtype=np.int64) for v in (centre, shape, patch_size))
+    start = centre - size // 2
+    if border == "shift":
+        room = shape - size  # < 0 where the volume is shorter than the patch
+        start = np.clip(start, np.minimum(room, 0), np.maximum(room, 0))
+    elif border != "pad":
+        raise InputError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
+    return start
+
+
+def extract_patch(array: np.ndarray, start: Sequence[int], patch_size: Sequence[int],
+                  pad_value: float | Sequence[float] | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Copy the box ``[start, start + patch_size)`` of a multi-channel volume, padding outside it.
+
+    Arguments:
+      array (np.ndarray): (C, D, H, W) volume.
+      start (Sequence[int]): (3,) first voxel of the box, may be negative.
+      patch_size (Sequence[int]): (3,) box shape (p0, p1, p2).
+      pad_value (float | Sequence[float] | np.ndarray): value of voxels outside the volume, one for all
+        channels or (C,) per channel.
+
+    Returns:
+      tuple[np.ndarray, np.ndarray]: the patch (C, p0, p1, p2), a new array of ``array``'s dtype, and the
+      valid mask (p0, p1, p2) bool, True where the patch lies inside the volume.
+    """
+    shape = np.asarray(array.shape[1:], dtype=np.int64)
+    size = np.asarray(patch_size, dtype=np.int64)
+    start = np.asarray(start, dtype=np.int64)
+    stop = start + size
+    if (start >= 0).all() and (stop <= shape).all():  # fast path: no padding
+        src = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+        return array[(slice(None), *src)].copy(), np.ones(tuple(size), dtype=bool)
+    pad = np.asarray(pad_value, dtype=array.dtype).reshape(-1)
+    if pad.size not in (1, array.shape[0]):
+        raise InputError(f"pad_value must be one value or one per channel ({array.shape[0]}), got {pad.size}")
+    patch = np.empty((array.shape[0], *size.tolist()), dtype=array.dtype)
+    patch[...] = pad.reshape(-1, 1, 1, 1)
+    valid = np.zeros(tuple(size), dtype=bool)
+    lo, hi = np.maximum(start, 0), np.minimum(stop, shape)
+    if (hi > lo).all():
+        src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start))
+        patch[(slice(None), *dst)] = array[(slice(None), *src)]
+        valid[dst] = True
+    return patch, valid
+
+
+# ===================================================================================================
+# per-case sampler
+# ===================================================================================================
+@dataclass
+class PatchSample:
+    """One drawn patch.
+
+    Attributes:
+      image (np.ndarray): float32 (C, p0, p1, p2).
+      label (np.ndarray): float32 (1, p0, p1, p2) in {0, 1}.
+      valid (np.ndarray): float32 (1, p0, p1, p2), 1 inside the volume, 0 in the padding.
+      centre (tuple[int, int, int]): the drawn centre voxel (d, h, w) in volume coordinates.
+      start (tuple[int, int, int]): the patch's first voxel in volume coordinates (negative when padded),
+        so the centre is at ``centre - start`` inside the patch.
+      positive (bool): True when the centre was drawn from the lesion voxels.
+      component (int): index of the lesion component the centre was drawn from (0-based), -1 for negatives.
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    valid: np.ndarray
+    centre: tuple[int, int, int]
+    start: tuple[int, int, int]
+    positive: bool
+    component: int
+
+
+def _subsample(index: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
+    """At most ``limit`` entries of a sorted index array, a random subset kept in order."""
+    if limit is None or index.size <= limit:
+        return index
+    keep = np.sort(rng.choice(index.size, size=int(limit), replace=False))
+    return index[keep]
+
+
+class PatchSampler:
+    """Draws lesion-aware patches from one case, after a one-off precomputation.
+
+    Arguments:
+      image (np.ndarray): (C, D, H, W) or (D, H, W) intensities (stored as float32, copied only if needed).
+      label (np.ndarray): (D, H, W) or (1, D, H, W) label map; non-zero = lesion.
+      body (np.ndarray | None): (D, H, W) body/brain mask (non-zero = inside) for negative centres; None
+        derives it with :func:`body_mask` (``config.body_threshold``, ``config.fill_body_holes``). An empty
+        mask (given or derived) falls back to the whole volume (``body_is_volume`` is then True).
+      config (PatchConfig | None): sampling options; None for the defaults.
+      rng (np.random.Generator | None): randomness of the one-off subsampling of large bodies and
+        components; None = a fixed seed, so the sampler is the same every time it is built.
+
+    Attributes:
+      n_components (int): number of lesion connected components.
+      component_sizes (np.ndarray): int64 (n_components,) voxel count of every component (before subsampling).
+      n_body_voxels (int): voxels of the body mask (before subsampling).
+
+    Raises:
+      InputError: wrong dimensions, or label/body shape different from the image's.
+    """
+
+    def __init__(self, image: np.ndarray, label: np.ndarray, body: np.ndarray | None = None,
+                 config: PatchConfig | None = None, rng: np.random.Generator | None = None):
+        self.config = cfg = config if config is not None else PatchConfig()
+        rng = rng if rng is not None else np.random.default_rng(np.random.SeedSequence([0, _PREP_TAG]))
+        self.image = np.asarray(_as_channels(image), dtype=np.float32)
+        self.shape: tuple[int, int, int] = tuple(int(s) for s in self.image.shape[1:])
+        label = np.asarray(label)
+        if label.ndim == 4 and label.shape[0] == 1:
+            label = label[0]
+        if label.shape != self.shape:
+            raise InputError(f"label shape {label.shape} differs from the image's {self.shape}")
+        self.label = label != 0
+        if cfg.pad_value is None:
+            self.pad_value = self.image.reshape(self.image.shape[0], -1).min(axis=1)
+        else:
+            self.pad_value = np.full(self.image.shape[0], cfg.pad_value, dtype=np.float32)
+        n_voxels = int(np.prod(self.shape))
+        index_dtype = np.int32 if n_voxels < 2**31 else np.int64
+
+        # lesion components: flat indices grouped by component (CSR-like: offsets into one array)
+        components, n = ndi.label(self.label, structure=ndi.generate_binary_structure(3, cfg.connectivity))
+        flat = np.flatnonzero(components)
+        ids = components.ravel()[flat]
+        del components
+        order = np.argsort(ids, kind="stable")
+        flat, ids = flat[order], ids[order]
+        self.n_components = int(n)
+        self.component_sizes = np.bincount(ids, minlength=n + 1)[1:].astype(np.int64)
+        bounds = np.concatenate([[0], np.cumsum(self.component_sizes)])
+        kept = [_subsample(flat[bounds[k]:bounds[k + 1]], cfg.max_component_voxels, rng) for k in range(n)]
+        self.lesion_index = (np.concatenate(kept) if kept else np.zeros(0)).astype(index_dtype)
+        self.component_offsets = np.concatenate([[0], np.cumsum([k.size for k in kept])]).astype(np.int64)
+        self._size_cdf = np.cumsum(self.component_sizes) / max(int(self.component_sizes.sum()), 1)
+
+        # body voxels (negative centres)
+        if body is None:
+            body = body_mask(self.image, cfg.body_threshold, cfg.fill_body_holes)
+        else:
+            body = np.asarray(body)
+            if body.ndim == 4 and body.shape[0] == 1:
+                body = body[0]
+            if body.shape != self.shape:
+                raise InputError(f"body mask shape {body.shape} differs from the image's {self.shape}")
+        body_flat = np.flatnonzero(body)
+        self.body_is_volume = body_flat.size == 0
+        if self.body_is_volume:
+            limit = cfg.max_body_voxels
+            if limit is None or n_voxels <= limit:
+                body_flat = np.arange(n_voxels)
+            else:
+                body_flat = np.sort(rng.choice(n_voxels, size=int(limit), replace=False))
+            self.n_body_voxels = n_voxels
+        else:
+            self.n_body_voxels = int(body_flat.size)
+            body_flat = _subsample(body_flat, cfg.max_body_voxels, rng)
+        self.body_index = body_flat.astype(index_dtype)
+
+    @property
+    def has_lesion(self) -> bool:
+        """True when the label holds at least one lesion voxel."""
+        return self.n_components > 0
+
+    @property
+    def channels(self) -> int:
+        """Number of image channels C."""
+        return int(self.image.shape[0])
+
+    def draw_centre(self, rng: np.random.Generator, positive: bool | None = None) -> tuple[np.ndarray, bool, int]:
+        """Draw a patch centre.
+
+        Arguments:
+          rng (np.random.Generator): the randomness of this draw.
+          positive (bool | None): force a positive (True) or negative (False) draw; None draws positive with
+            probability ``config.positive_fraction``. A positive draw on a case without lesion falls back
+            to a negative one.
+
+        Returns:
+          tuple[np.ndarray, bool, int]: the centre, int64 (3,) voxel index (d, h, w); whether it is a
+          lesion voxel drawn as positive; the component index (-1 for negatives).
+        """
+        if positive is None:
+            positive = bool(rng.random() < self.config.positive_fraction)
+        if positive and self.n_components > 0:
+            if self.config.component_balanced:
+                k = int(rng.integers(self.n_components))
+            else:  # components weighted by their true size = every lesion voxel equally likely
+                k = min(int(np.searchsorted(self._size_cdf, rng.random(), side="right")), self.n_components - 1)
+            lo, hi = self.component_offsets[k], self.component_offsets[k + 1]
+            flat = self.lesion_index[int(rng.integers(lo, hi))]
+            return np.array(np.unravel_index(int(flat), self.shape), dtype=np.int64), True, k
+        flat = self.body_index[int(rng.integers(self.body_index.size))]
+        return np.array(np.unravel_index(int(flat), self.shape), dtype=np.int64), False, -1
+
+    def extract(self, centre: Sequence[int], positive: bool = False, component: int = -1) -> PatchSample:
+        """Cut the patch around a centre (placement by ``config.border``, padding as documented).
+
+        Arguments:
+          centre (Sequence[int]): (3,) voxel index (d, h, w) inside the volume.
+          positive (bool): recorded in the sample. component (int): recorded in the sample.
+
+        Returns:
+          PatchSample: image (C, p0, p1, p2), label and valid (1, p0, p1, p2), all float32.
+        """
+        size = self.config.patch_size
+        start = window_start(centre, self.shape, size, self.config.border)
+        image, valid = extract_patch(self.image, start, size, self.pad_value)
+        label, _ = extract_patch(self.label[None], start, size, False)
+        return PatchSample(
+            image=image,
+            label=label.astype(np.float32),
+            valid=valid[None].astype(np.float32),
+            centre=tuple(int(c) for c in centre),
+            start=tuple(int(s) for s in start),
+            positive=bool(positive),
+            component=int(component),
+        )
+
+    def sample(self, rng: np.random.Generator, positive: bool | None = None) -> PatchSample:
+        """Draw a centre (:meth:`draw_centre`) and cut its patch (:meth:`extract`).
+
+        Arguments:
+          rng (np.random.Generator): the randomness of this draw.
+          positive (bool | None): as :meth:`draw_centre`.
+
+        Returns:
+          PatchSample: image (C, p0, p1, p2) float32, label and valid (1, p0, p1, p2) float32, centre,
+          start, positive, component.
+        """
+        centre, positive, component = self.draw_centre(rng, positive)
+        return self.extract(centre, positive, component)
+
+
+# ===================================================================================================
+# augmentation and the torch dataset
+# ===================================================================================================
+def _uniform(gen: torch.Generator, lo_hi: tuple[float, float], shape=(1,)) -> torch.Tensor:
+    lo, hi = lo_hi
+    return lo + (hi - lo) * torch.rand(shape, generator=gen)
+
+
+def augment_patch(image: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, cfg: PatchAugmentConfig,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random flips per axis (all three tensors), then per-channel intensity scale/shift and Gaussian noise.
+
+    Every random number is drawn whatever the outcome, so the stream consumed per patch is fixed.
+    Padded voxels are transformed like the others.
+
+    Arguments:
+      image (torch.Tensor): float32 (C, p0, p1, p2).
+      label (torch.Tensor): float32 (1, p0, p1, p2) in {0, 1}.
+      valid (torch.Tensor): float32 (1, p0, p1, p2).
+      cfg (PatchAugmentConfig): what to do.
+      gen (torch.Generator): the randomness.
+
+    Returns:
+      tuple[torch.Tensor, torch.Tensor, torch.Tensor]: image, label, valid with the same shapes; the label
+      stays in {0, 1}.
+    """
+    flips = [d for d, u in zip((1, 2, 3), torch.rand(3, generator=gen).tolist()) if u < cfg.flip]
+    if flips:
+        image, label, valid = image.flip(flips), label.flip(flips), valid.flip(flips)
+    channels = image.shape[0]
+    do_intensity, do_noise = (torch.rand(2, generator=gen) < torch.tensor([cfg.intensity_prob, cfg.noise_prob])).tolist()
+    scale = _uniform(gen, cfg.scale, (channels, 1, 1, 1))
+    shift = _uniform(gen, cfg.shift, (channels, 1, 1, 1))
+    std = float(torch.rand(1, generator=gen)) * cfg.noise_std
+    if do_intensity:
+        image = image * scale + shift
+    if do_noise and std > 0:
+        image = image + torch.randn(image.shape, generator=gen) * std
+    return image.contiguous(), label.contiguous(), valid.contiguous()
+
+
+def _stream_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return 0
+
+
+class LesionPatchDataset(IterableDataset):
+    """A stream of lesion-aware training patches from preloaded cases, ready for a DataLoader.
+
+    Each item: a draw is positive with probability ``config.positive_fraction``; a positive draw picks a
+    case uniformly among the cases with lesions, a negative one among all cases (if no case has a lesion
+    every draw is negative); the case's :class:`PatchSampler` cuts the patch; ``augment`` transforms it.
+
+    Seeding: the stream of worker ``w`` (of a DataLoader; 0 without workers), on distributed rank ``r``,
+    in epoch ``e`` depends only on ``(seed, e, r, w)``: different workers and ranks draw different patches,
+    and the same seed, epoch and number of workers give the same batches. Call :meth:`set_epoch` before
+    each epoch (before the DataLoader starts its iterator; not seen by persistent workers) to get new
+    patches; otherwise every iteration repeats the same stream.
+
+    Arguments:
+      cases (Sequence): per case a tuple ``(image, label)`` or ``(image, label, body)`` of numpy arrays
+        (image (C, D, H, W) or (D, H, W), label and body (D, H, W)), or a ready :class:`PatchSampler`.
+        Arrays are kept in memory (once per DataLoader worker with the spawn start method).
+      config (PatchConfig | None): patch options for the cases given as arrays, and the positive fraction
+        of the stream; None for the defaults.
+      augment (PatchAugmentConfig | None): augmentation; None (default) for none.
+      seed (int): base seed (also seeds the one-off subsampling of each case's precomputation).
+      samples_per_epoch (int | None): patches per iteration, split across workers (so the DataLoader gives
+        exactly this many); None for an infinite stream.
+
+    Yields:
+      dict: ``image`` float32 (C, p0, p1, p2), ``label`` float32 (1, p0, p1, p2) in {0, 1}, ``valid``
+      float32 (1, p0, p1, p2), ``positive`` (bool), ``case`` (int, index into ``cases``), ``centre`` int64
+      (3,) in volume coordinates.
+
+    Raises:
+      InputError: no case, or cases of different channel counts or patch sizes.
+    """
+
+    def __init__(self, cases: Sequence, config: PatchConfig | None = None, augment: PatchAugmentConfig | None = None,
+                 seed: int = 0, samples_per_epoch: int | None = None):
+        super().__init__()
+        self.config = config if config is not None else PatchConfig()
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+        if samples_per_epoch is not None and int(samples_per_epoch) < 1:
+            raise InputError(f"samples_per_epoch must be >= 1 or None, got {samples_per_epoch}")
+        self.samples_per_epoch = None if samples_per_epoch is None else int(samples_per_epoch)
+        if len(cases) == 0:
+            raise InputError("LesionPatchDataset needs at least one case")
+        self.samplers: list[PatchSampler] = []
+        for i, case in enumerate(cases):
+            if isinstance(case, PatchSampler):
+                self.samplers.append(case)
+            else:
+                prep = np.random.default_rng(np.random.SeedSequence([self.seed, _PREP_TAG, i]))
+                self.samplers.append(PatchSampler(*case, config=self.config, rng=prep))
+        kinds = {(s.channels, s.config.patch_size) for s in self.samplers}
+        if len(kinds) > 1:
+            raise InputError(f"cases differ in (channels, patch size): {sorted(kinds)}")
+        self.lesion_cases = np.array([i for i, s in enumerate(self.samplers) if s.has_lesion], dtype=np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the stream of this epoch (see the class docstring)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.samples_per_epoch is None:
+            raise TypeError("an infinite LesionPatchDataset (samples_per_epoch=None) has no length")
+        return self.samples_per_epoch
+
+    def draw(self, rng: np.random.Generator, gen: torch.Generator) -> dict:
+        """One item of the stream (see the class docstring), from the given generators."""
+        positive = bool(rng.random() < self.config.positive_fraction)
+        if positive and self.lesion_cases.size:
+            case = int(self.lesion_cases[rng.integers(self.lesion_cases.size)])
+        else:
+            case = int(rng.integers(len(self.samplers)))
+        sample = self.samplers[case].sample(rng, positive=positive)
+        image, label, valid = (torch.from_numpy(a) for a in (sample.image, sample.label, sample.valid))
+        if self.augment is not None:
+            image, label, valid = augment_patch(image, label, valid, self.augment, gen)
+        return {"image": image, "label": label, "valid": valid, "positive": sample.positive, "case": case,
+                "centre": torch.tensor(sample.centre, dtype=torch.int64)}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        numpy_seq, torch_seq = np.random.SeedSequence(
+            [self.seed, _STREAM_TAG, self.epoch, _stream_rank(), worker]).spawn(2)
+        rng = np.random.default_rng(numpy_seq)
+        gen = torch.Generator().manual_seed(int(torch_seq.generate_state(1, dtype=np.uint64)[0] >> 1))
+        if self.samples_per_epoch is None:
+            while True:
+                yield self.draw(rng, gen)
+        count = self.samples_per_epoch // workers + int(worker < self.samples_per_epoch % workers)
+        for _ in range(count):
+            yield self.draw(rng, gen)

@@ -1,0 +1,267 @@
+"""Supervised lesion segmentation, inference side: intensity preparation, whole-volume sliding-window
+prediction and per-case evaluation (``irisseg lesion predict`` / ``irisseg lesion evaluate``).
+
+The model (:class:`~irisseg.models.unet.ResidualUNet`) works on the volume's own voxel grid: there is no
+resampling, so a prediction has exactly the input's shape, spacing, origin and direction by construction.
+Every image channel is normalised on its own (:func:`normalize_channels`), the same way in training and
+inference. Training lives in :mod:`irisseg.training.lesion`.
+
+Example::
+
+    pred = LesionPredictor("runs/lesion")            # RUN/best (or a model folder)
+    mask = pred.predict([read_volume("case_0000.nii.gz")])   # uint8 {0, 1} Volume in the input's geometry
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from irisseg.errors import InputError
+from irisseg.io import Volume, check_same_geometry
+from irisseg.models.blocks import autocast_for
+from irisseg.preprocess import clip_percentiles, zscore
+
+__all__ = ["LesionPredictor", "body_mask", "normalize_channels", "sliding_window_logits", "case_metrics",
+           "evaluate_dataset", "summary_rows",
+           "resolve_lesion_model_dir", "METRIC_KEYS"]
+
+#: The per-case metrics of a lesion evaluation, in report order.
+METRIC_KEYS = ("dice", "iou", "lesion_recall", "lesion_precision", "lesion_f1", "hd95")
+
+
+def body_mask(channels: Sequence[np.ndarray]) -> np.ndarray:
+    """Where the body (brain) is, for intensity statistics and negative patch centres.
+
+    :func:`irisseg.data.patches.body_mask` (voxels above ``min + 5% of the range`` in any channel, holes
+    filled), or every voxel when that covers under 1% of the volume.
+
+    Arguments:
+      channels (Sequence[np.ndarray]): C arrays (D, H, W) of raw intensities.
+
+    Returns:
+      np.ndarray: bool (D, H, W).
+    """
+    from irisseg.data.patches import body_mask as derived
+
+    body = derived(np.stack([np.asarray(c, np.float32) for c in channels]))
+    return body if body.mean() >= 0.01 else np.ones(body.shape, bool)
+
+
+def normalize_channels(channels: Sequence[np.ndarray], body: np.ndarray | None = None) -> np.ndarray:
+    """Per-channel intensity normalisation used by the lesion pipeline in training and inference.
+
+    Each channel is clipped to its 0.5-99.5 percentiles and z-scored, both over the body voxels.
+
+    Arguments:
+      channels (Sequence[np.ndarray]): C arrays (D, H, W) of raw intensities (any units).
+      body (np.ndarray | None): bool (D, H, W) body mask; default :func:`body_mask` of the channels.
+
+    Returns:
+      np.ndarray: float32 (C, D, H, W).
+    """
+    body = body_mask(channels) if body is None else body
+    return np.stack([zscore(clip_percentiles(np.asarray(c, np.float32), mask=body), mask=body) for c in channels])
+
+
+def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, patch: Sequence[int], overlap: float = 0.5,
+                          sw_batch_size: int = 2, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Whole-volume logits by Gaussian-weighted sliding-window inference (MONAI's ``sliding_window_inference``).
+
+    Arguments:
+      model (nn.Module): maps (B, C, p, p, p) to logits (B, 1, p, p, p) in eval mode.
+      image (torch.Tensor): (1, C, D, H, W) normalised image, any D, H, W (smaller than the patch: padded).
+      patch (Sequence[int]): window size (p_d, p_h, p_w) in voxels.
+      overlap (float): window overlap fraction in [0, 1).
+      sw_batch_size (int): windows per forward pass.
+      device: where the model runs (windows are moved there; the result is gathered on the CPU).
+
+    Returns:
+      torch.Tensor: float32 logits (1, 1, D, H, W) on the CPU.
+    """
+    from monai.inferers import sliding_window_inference
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast_for(device):
+            out = sliding_window_inference(
+                image, roi_size=tuple(int(p) for p in patch), sw_batch_size=sw_batch_size,
+                predictor=lambda x: model(x.to(device)).float(), overlap=overlap, mode="gaussian",
+                sw_device=device, device=torch.device("cpu"),
+            )
+    finally:
+        model.train(was_training)
+    return out.float()
+
+
+def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float]) -> dict[str, float]:
+    """Dice, IoU, lesion-wise recall / precision / F1 and HD95 (mm) of one binary prediction.
+
+    Arguments:
+      pred, ref (np.ndarray): binary (D, H, W) prediction and reference (non-zero = lesion).
+      spacing_zyx (Sequence[float]): voxel size in mm in array-axis order.
+
+    Returns:
+      dict[str, float]: the :data:`METRIC_KEYS` plus ``n_lesions`` / ``n_detected`` / ``ref_voxels`` /
+      ``pred_voxels``. Lesions are 26-connected components, as :func:`irisseg.metrics.lesion_detection`
+      defines them (a reference lesion counts as detected when any predicted voxel overlaps it).
+    """
+    from irisseg.metrics import evaluate
+
+    m = evaluate((pred != 0).astype(np.uint8), (ref != 0).astype(np.uint8), spacing=spacing_zyx, labels=[1],
+                 lesion_wise=True)[1]
+    out = {k: float(m[k]) for k in METRIC_KEYS}
+    out.update(n_lesions=int(m["lesion_n_ref"]), n_detected=int(m["lesion_n_detected"]),
+               ref_voxels=int(m["ref_voxels"]), pred_voxels=int(m["pred_voxels"]))
+    return out
+
+
+def resolve_lesion_model_dir(path: str | Path) -> Path:
+    """A lesion model folder: ``path`` itself when it holds ``config.json``, else ``path/best``.
+
+    Raises:
+      InputError: neither holds a lesion model (``config.json`` with a ``lesion`` section).
+    """
+    path = Path(path)
+    for folder in (path, path / "best"):
+        cfg = folder / "config.json"
+        if cfg.is_file():
+            try:
+                data = json.loads(cfg.read_text())
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{cfg}: unreadable model config ({exc})") from None
+            if "lesion" not in data.get("extra", {}):
+                raise InputError(f"{folder}: not a lesion model (train one with 'irisseg lesion train')")
+            return folder
+    if not path.exists():
+        raise InputError(f"{path}: no such model folder")
+    raise InputError(f"{path}: no lesion model here (expected config.json, or a run folder with best/)")
+
+
+class LesionPredictor:
+    """Whole-volume lesion segmentation with a trained residual U-Net.
+
+    Arguments:
+      model_dir (str | Path): a model folder (``config.json`` + ``model.safetensors``) or a run folder
+        (its ``best/`` is used).
+      device: ``"cpu"``, ``"cuda"`` (bf16 autocast) or ``"auto"``.
+      overlap (float | None): sliding-window overlap (default: the training config's).
+      threshold (float | None): probability threshold (default: the training config's, 0.5).
+      sw_batch_size (int): windows per forward pass.
+
+    Attributes:
+      in_channels (int): image channels the model expects, in dataset channel order.
+      patch (tuple[int, int, int]): sliding-window size (the training patch).
+      seconds (float): wall time of the last prediction.
+    """
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", overlap: float | None = None,
+                 threshold: float | None = None, sw_batch_size: int = 2):
+        from irisseg.incontext import resolve_device
+        from irisseg.models.unet import ResidualUNet
+
+        self.folder = resolve_lesion_model_dir(model_dir)
+        self.device = resolve_device(device)
+        self.model = ResidualUNet.load(self.folder).to(self.device).eval()
+        info = json.loads((self.folder / "config.json").read_text())["extra"]["lesion"]
+        self.in_channels = int(self.model.config.in_channels)
+        self.patch = tuple(int(p) for p in info["patch"])
+        self.overlap = float(info.get("overlap", 0.5) if overlap is None else overlap)
+        self.threshold = float(info.get("threshold", 0.5) if threshold is None else threshold)
+        if not 0.0 <= self.overlap < 1.0:
+            raise InputError(f"overlap must be in [0, 1), got {self.overlap}")
+        if not 0.0 < self.threshold < 1.0:
+            raise InputError(f"threshold must be between 0 and 1 (exclusive), got {self.threshold}")
+        self.sw_batch_size = int(sw_batch_size)
+        self.seconds = 0.0
+
+    def _check(self, channels: Sequence[Volume], names: Sequence[str] | None) -> list[str]:
+        names = list(names) if names is not None else [f"channel {i}" for i in range(len(channels))]
+        if len(channels) != self.in_channels:
+            raise InputError(f"{names[0] if names else 'input'}: the model expects {self.in_channels} channel(s) "
+                             f"(_0000 ... _{self.in_channels - 1:04d}), got {len(channels)}")
+        for volume, name in zip(channels, names, strict=True):
+            if volume.array.ndim != 3:
+                raise InputError(f"{name}: expected a 3D volume, got shape {volume.array.shape}")
+            if not np.isfinite(volume.array).all():
+                raise InputError(f"{name}: image holds NaN or infinite intensities")
+        for volume, name in zip(channels[1:], names[1:], strict=True):
+            check_same_geometry(channels[0], volume, names[0], name)
+        return names
+
+    def predict_probabilities(self, channels: Sequence[Volume], names: Sequence[str] | None = None) -> Volume:
+        """Lesion probability of every voxel.
+
+        Arguments:
+          channels (Sequence[Volume]): the C image channels of one case, each (D, H, W), same geometry.
+          names (Sequence[str] | None): how to name each channel in error messages (e.g. file names).
+
+        Returns:
+          Volume: float32 (D, H, W) in [0, 1], in exactly the first channel's geometry.
+
+        Raises:
+          InputError: wrong channel count, non-3D input, NaN intensities, channels of different geometry.
+        """
+        self._check(channels, names)
+        t0 = time.perf_counter()
+        image = torch.from_numpy(normalize_channels([c.array for c in channels]))[None]
+        logits = sliding_window_logits(self.model, image, self.patch, self.overlap, self.sw_batch_size, self.device)
+        prob = torch.sigmoid(logits)[0, 0].numpy().astype(np.float32)
+        self.seconds = time.perf_counter() - t0
+        return channels[0].with_array(prob)
+
+    def predict(self, channels: Sequence[Volume], names: Sequence[str] | None = None) -> Volume:
+        """Binary lesion mask: uint8 (D, H, W), 1 where the probability exceeds the threshold, in the input's geometry."""
+        prob = self.predict_probabilities(channels, names)
+        return prob.with_array((prob.array > self.threshold).astype(np.uint8))
+
+
+def evaluate_dataset(predictor: LesionPredictor, data: str | Path) -> list[dict]:
+    """Predict and score every labelled case of a dataset folder.
+
+    Arguments:
+      predictor (LesionPredictor): the model.
+      data (str | Path): nnU-Net-style dataset folder; its training cases (``imagesTr`` + ``labelsTr``) and
+        its test cases that have a label (``imagesTs`` + ``labelsTs``) are evaluated.
+
+    Returns:
+      list[dict]: per case ``case`` (id), the :func:`case_metrics` values and ``seconds`` (prediction time).
+
+    Raises:
+      InputError: an unreadable dataset or case, a channel count the model does not take, no labelled case.
+    """
+    from irisseg.data.datasets import load_dataset
+
+    dataset = load_dataset(data)
+    cases = [c for c in [*dataset.cases, *dataset.test_cases] if c.label_path is not None]
+    if not cases:
+        raise InputError(f"{data}: no labelled case to evaluate (labelsTr / labelsTs)")
+    rows = []
+    for case in cases:
+        channels, label = case.load()
+        pred = predictor.predict(channels, names=[str(p) for p in case.image_paths])
+        rows.append({"case": case.case_id, **case_metrics(pred.array, label.array, channels[0].spacing_zyx),
+                     "seconds": predictor.seconds})
+    return rows
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """``mean`` and ``median`` rows over cases of :func:`evaluate_dataset` rows (HD95: over finite values)."""
+    out = []
+    for name, fn in (("mean", np.mean), ("median", np.median)):
+        row: dict = {"case": name}
+        for k in rows[0]:
+            if k == "case":
+                continue
+            values = np.array([r[k] for r in rows], float)
+            finite = values[np.isfinite(values)]
+            row[k] = float(fn(finite)) if finite.size else float("inf")
+        out.append(row)
+    return out

@@ -1,0 +1,300 @@
+"""Residual U-Net for supervised segmentation (3D by default, 2D on the same code), with optional deep supervision.
+
+The encoder and decoder are made of the same :class:`~irisseg.models.blocks.ResidualBlock` as the IRIS
+image encoder. Usage::
+
+    net = ResidualUNet(UNetConfig(in_channels=2, out_channels=1, channels=(16, 32, 64, 128)))
+    logits = net(images)                 # (B, 2, D, H, W) -> (B, 1, D, H, W)
+    net.save("runs/lesion/best")         # config.json + model.safetensors
+    net = ResidualUNet.load("runs/lesion/best")
+
+Any input size works: the input is padded at the end of each axis up to a multiple of the total stride
+and the outputs are cropped back (see :meth:`ResidualUNet.forward`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from irisseg.errors import InputError
+from irisseg.models.blocks import ResidualBlock, nd_layers
+
+__all__ = ["UNetConfig", "ResidualUNet"]
+
+_PAD_MODES = ("constant", "replicate", "reflect")
+
+
+def _tuplify(value):
+    """Lists (from JSON or YAML) to tuples, recursively."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuplify(v) for v in value)
+    return value
+
+
+@dataclass
+class UNetConfig:
+    """Everything needed to rebuild a :class:`ResidualUNet` (saved as ``config.json`` beside the weights).
+
+    Attributes:
+      name (str): a label for the model (free text).
+      in_channels (int): image channels (e.g. 2 for T1 + FLAIR).
+      out_channels (int): output channels (one sigmoid logit per class).
+      channels (tuple[int, ...]): widths of the resolution levels, finest first; ``len(channels)`` levels,
+        ``len(channels) - 1`` down-sampling steps.
+      strides (tuple[int | tuple[int, ...], ...] | None): stride of each down-sampling step
+        (``len(channels) - 1`` entries), an int or one int per spatial axis (e.g. ``(1, 2, 2)`` keeps
+        thick slices); None: 2 on every axis.
+      blocks_per_level (int): residual blocks per level in the encoder and in the decoder.
+      spatial_dims (int): 3 for ``(B, C, D, H, W)`` volumes, 2 for ``(B, C, H, W)`` images.
+      deep_supervision (bool): add a 1x1 logit head to the coarser decoder levels; in training mode the
+        network then returns ``[main, aux_1, ..., aux_k]`` (see :meth:`ResidualUNet.forward`).
+      deep_supervision_levels (int | None): how many auxiliary heads (finest first); None: one per
+        decoder level below full resolution (``len(channels) - 2``).
+      pad_mode (str): how inputs whose size is not a multiple of the total stride are padded:
+        ``"replicate"`` (default), ``"constant"`` (zeros) or ``"reflect"`` (needs a pad smaller than the side).
+      extra (dict): free-form metadata saved with the model (training settings, ...).
+    """
+
+    name: str = "residual-unet"
+    in_channels: int = 1
+    out_channels: int = 1
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int | tuple[int, ...], ...] | None = None
+    blocks_per_level: int = 1
+    spatial_dims: int = 3
+    deep_supervision: bool = False
+    deep_supervision_levels: int | None = None
+    pad_mode: str = "replicate"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in _tuplify(self.channels))
+        self.strides = _tuplify(self.strides)
+        strides = (2,) * (len(self.channels) - 1) if self.strides is None else self.strides
+        if self.spatial_dims not in (2, 3):
+            raise InputError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        if len(self.channels) < 2 or any(c < 1 for c in self.channels):
+            raise InputError(f"channels must hold at least two positive widths, got {self.channels}")
+        if len(strides) != len(self.channels) - 1:
+            raise InputError(f"strides needs {len(self.channels) - 1} entries (one per down-sampling step) "
+                             f"for channels {self.channels}, got {strides}")
+        for s in strides:
+            per_axis = s if isinstance(s, tuple) else (s,)
+            if (isinstance(s, tuple) and len(s) != self.spatial_dims) or any(int(a) < 1 for a in per_axis):
+                raise InputError(f"each stride must be a positive int or {self.spatial_dims} positive ints, got {s!r}")
+        if self.blocks_per_level < 1:
+            raise InputError(f"blocks_per_level must be at least 1, got {self.blocks_per_level}")
+        if self.deep_supervision_levels is not None and not 0 <= self.deep_supervision_levels <= len(self.channels) - 2:
+            raise InputError(f"deep_supervision_levels must be between 0 and {len(self.channels) - 2}, "
+                             f"got {self.deep_supervision_levels}")
+        if self.pad_mode not in _PAD_MODES:
+            raise InputError(f"pad_mode must be one of {', '.join(_PAD_MODES)}, got {self.pad_mode!r}")
+
+    def level_strides(self) -> list[tuple[int, ...]]:
+        """The stride of each down-sampling step, one int per spatial axis."""
+        strides = (2,) * (len(self.channels) - 1) if self.strides is None else self.strides
+        return [tuple(int(a) for a in s) if isinstance(s, tuple) else (int(s),) * self.spatial_dims for s in strides]
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (tuples become lists when dumped)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> UNetConfig:
+        """The config from :meth:`to_dict` output (lists back to tuples; unknown keys are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class ResidualUNet(nn.Module):
+    """Residual U-Net: residual encoder levels, transposed-convolution up-sampling, skip concatenation.
+
+    Level 0 works at full resolution (``blocks_per_level`` residual blocks, ``channels[0]`` wide); level
+    ``i > 0`` starts with a residual block of stride ``strides[i - 1]``. The decoder goes back up level by
+    level: a transposed convolution (kernel = stride) to ``channels[i - 1]``, concatenation with the
+    encoder's skip, residual block(s). A 1x1 convolution gives the logits. Normalisation is InstanceNorm
+    (affine), the activation LeakyReLU(0.01), as in the IRIS encoder.
+
+    Top-level children (what :func:`irisseg.models.iris.count_parameters` reports): ``encoder``,
+    ``upsample``, ``decoder``, ``head`` and, with deep supervision, ``aux_heads``.
+
+    Arguments:
+      config (UNetConfig | None): the architecture; None: ``UNetConfig(**overrides)``.
+      **overrides: fields of :class:`UNetConfig` replacing those of ``config``.
+    """
+
+    def __init__(self, config: UNetConfig | None = None, **overrides):
+        super().__init__()
+        if overrides:
+            unknown = set(overrides) - {f.name for f in fields(UNetConfig)}
+            if unknown:
+                raise InputError(f"unknown UNetConfig field(s): {', '.join(sorted(unknown))}")
+            config = UNetConfig.from_dict({**(config or UNetConfig()).to_dict(), **overrides})
+        self.config = config = config or UNetConfig()
+        conv, conv_t, _ = nd_layers(config.spatial_dims)
+        ch, strides, n = config.channels, config.level_strides(), config.blocks_per_level
+
+        def level(c_in: int, c_out: int, stride) -> nn.Sequential:
+            blocks = [ResidualBlock(c_in, c_out, stride=stride, spatial_dims=config.spatial_dims)]
+            blocks += [ResidualBlock(c_out, c_out, spatial_dims=config.spatial_dims) for _ in range(n - 1)]
+            return nn.Sequential(*blocks)
+
+        self.encoder = nn.ModuleList(
+            [level(config.in_channels, ch[0], 1)] + [level(ch[i - 1], ch[i], strides[i - 1]) for i in range(1, len(ch))]
+        )
+        # Decoder, coarsest first: upsample[j] / decoder[j] bring level i = L-1-j back to level i-1.
+        back = range(len(ch) - 1, 0, -1)
+        self.upsample = nn.ModuleList([conv_t(ch[i], ch[i - 1], strides[i - 1], stride=strides[i - 1]) for i in back])
+        self.decoder = nn.ModuleList([level(2 * ch[i - 1], ch[i - 1], 1) for i in back])
+        self.head = conv(ch[0], config.out_channels, 1)
+        n_aux = 0
+        if config.deep_supervision:
+            n_aux = len(ch) - 2 if config.deep_supervision_levels is None else config.deep_supervision_levels
+        # aux_heads[k] reads decoder level k + 1 (stride output_strides[k + 1]).
+        self.aux_heads = nn.ModuleList([conv(ch[k + 1], config.out_channels, 1) for k in range(n_aux)]) if n_aux else None
+
+    # -- geometry ----------------------------------------------------------------------------------------
+    @property
+    def total_stride(self) -> tuple[int, ...]:
+        """Product of the strides per spatial axis: inputs are padded up to multiples of it."""
+        return self._level_scale(len(self.config.channels) - 1)
+
+    def _level_scale(self, level: int) -> tuple[int, ...]:
+        scale = [1] * self.config.spatial_dims
+        for s in self.config.level_strides()[:level]:
+            scale = [a * b for a, b in zip(scale, s)]
+        return tuple(scale)
+
+    @property
+    def output_strides(self) -> list[tuple[int, ...]]:
+        """Per-axis down-sampling of each training-mode output: ``[(1, 1, 1), stride of aux_1, ...]``."""
+        n_aux = len(self.aux_heads) if self.aux_heads is not None else 0
+        return [self._level_scale(k) for k in range(n_aux + 1)]
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Segment a batch.
+
+        Arguments:
+          x (torch.Tensor): (B, in_channels, D, H, W) images (``(B, in_channels, H, W)`` with
+            ``spatial_dims=2``), any size: each axis is padded at its end (``config.pad_mode``) up to a
+            multiple of :attr:`total_stride` and the outputs are cropped back. InstanceNorm needs more than
+            one voxel at the coarsest level in training, so give at least ``2 * total_stride`` per axis
+            (rounded up) when training.
+
+        Returns:
+          torch.Tensor | list[torch.Tensor]: in eval mode, or without deep supervision, the logits
+          (B, out_channels, D, H, W). In training mode with deep supervision, the list
+          ``[main (B, out, D, H, W), aux_1 (B, out, ceil(D / s1), ceil(H / s1), ceil(W / s1)), ...]``
+          with the auxiliary logits from finer to coarser (``s_k = output_strides[k]``; with end padding,
+          aux voxel ``i`` covers input voxels ``[i * s_k, (i + 1) * s_k)``).
+        """
+        cfg = self.config
+        if x.ndim != cfg.spatial_dims + 2 or x.shape[1] != cfg.in_channels:
+            axes = "D, H, W" if cfg.spatial_dims == 3 else "H, W"
+            raise ValueError(f"expected a (B, {cfg.in_channels}, {axes}) tensor, got shape {tuple(x.shape)}")
+        size = tuple(x.shape[2:])
+        x = self._pad(x)
+        skips = []
+        y = x
+        for stage in self.encoder:
+            y = stage(y)
+            skips.append(y)
+        y = skips.pop()
+        decoded = []  # coarsest first
+        for up, dec in zip(self.upsample, self.decoder):
+            y = dec(torch.cat([up(y), skips.pop()], dim=1))
+            decoded.append(y)
+        main = self._crop(self.head(y), size, (1,) * cfg.spatial_dims)
+        if not self.training or self.aux_heads is None:
+            return main
+        outs = [main]
+        for k, aux in enumerate(self.aux_heads):
+            outs.append(self._crop(aux(decoded[-2 - k]), size, self._level_scale(k + 1)))
+        return outs
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        stride = self.total_stride
+        extra = [(-s) % t for s, t in zip(x.shape[2:], stride)]
+        if not any(extra):
+            return x
+        pad: list[int] = []
+        for e in reversed(extra):  # F.pad wants the last axis first
+            pad += [0, e]
+        return F.pad(x, pad, mode=self.config.pad_mode)
+
+    @staticmethod
+    def _crop(y: torch.Tensor, size: tuple[int, ...], scale: tuple[int, ...]) -> torch.Tensor:
+        target = [math.ceil(s / f) for s, f in zip(size, scale)]
+        if list(y.shape[2:]) == target:
+            return y
+        return y[(slice(None), slice(None), *(slice(0, t) for t in target))]
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def save(self, folder: str | Path, extra: dict | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``folder`` (created; files replaced atomically).
+
+        Arguments:
+          folder (str | Path): the model folder.
+          extra (dict | None): merged into the config's ``extra`` metadata in ``config.json``.
+
+        Returns:
+          Path: ``folder``.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = folder / ".model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(folder / "model.safetensors")
+        cfg = self.config.to_dict()
+        if extra:
+            cfg["extra"] = {**cfg.get("extra", {}), **extra}
+        tmp_cfg = folder / ".config.json.tmp"
+        tmp_cfg.write_text(json.dumps(cfg, indent=2))
+        tmp_cfg.replace(folder / "config.json")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> ResidualUNet:
+        """Rebuild a network from a folder written by :meth:`save` (safetensors only, no pickle).
+
+        Arguments:
+          folder (str | Path): holds ``config.json`` and ``model.safetensors``.
+          map_location (str | torch.device): device of the loaded weights.
+
+        Returns:
+          ResidualUNet: in training mode, like any fresh module (call ``.eval()`` to predict).
+
+        Raises:
+          InputError: a file is missing or unreadable, the config is not a U-Net's, or the weights do not fit.
+        """
+        folder = Path(folder)
+        cfg_path, weights = folder / "config.json", folder / "model.safetensors"
+        for p in (cfg_path, weights):
+            if not p.is_file():
+                raise InputError(f"{folder}: not a model folder ({p.name} is missing)")
+        try:
+            data = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{cfg_path}: unreadable model config ({exc})") from None
+        if not isinstance(data, dict) or "channels" not in data:
+            raise InputError(f"{cfg_path}: not a ResidualUNet config (no 'channels' entry)")
+        try:
+            config = UNetConfig.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{cfg_path}: invalid U-Net config ({' '.join(str(exc).split())[:200]})") from None
+        model = cls(config)
+        try:
+            model.load_state_dict(load_file(str(weights), device=str(map_location)))
+        except Exception as exc:  # safetensors errors / missing or mis-shaped tensors
+            raise InputError(f"{weights}: cannot load weights ({' '.join(str(exc).split())[:200]})") from None
+        return model.to(map_location)

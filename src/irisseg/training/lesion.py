@@ -1,0 +1,502 @@
+"""Supervised lesion segmentation training (``irisseg lesion train`` and ``irisseg lesion ablate``).
+
+A residual 3D U-Net (:class:`~irisseg.models.unet.ResidualUNet`) is trained on lesion-aware patches
+(:mod:`irisseg.data.patches`: a configurable share of patches centred on a lesion, component-balanced) with
+Dice + BCE, Tversky or focal-Dice (:func:`irisseg.losses.get_loss`). After every epoch the validation cases
+are predicted whole by Gaussian sliding-window inference (MONAI) and scored: Dice, IoU, lesion-wise recall,
+precision and F1, HD95. Early stopping on validation Dice; ``RUN/best`` and ``RUN/last`` are model folders
+(``config.json`` + ``model.safetensors``); ``RUN/metrics.csv`` holds one row per epoch; ``--resume``
+continues from ``RUN/checkpoints/last.ckpt``.
+
+Volumes stay on their own voxel grid (no resampling); lesion = every non-zero label of the label map.
+All cases are read once and kept in memory as float32 (a 64^3 single-channel case is 1 MB).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from irisseg.errors import InputError
+from irisseg.io import Volume
+from irisseg.lesion import METRIC_KEYS, body_mask, case_metrics, normalize_channels, sliding_window_logits
+from irisseg.training.engine import YamlConfig, make_trainer, resume_path
+
+__all__ = ["LesionTrainConfig", "PreparedCase", "prepare_case", "train_lesion", "read_metrics_csv",
+           "LOSS_NAMES", "METRICS_COLUMNS"]
+
+#: Loss names accepted by ``--loss``.
+LOSS_NAMES = ("dice_bce", "tversky", "focal_dice")
+#: Columns of ``RUN/metrics.csv`` (one row per epoch).
+METRICS_COLUMNS = ("epoch", "step", "train_loss", "val_loss", *(f"val_{k}" for k in METRIC_KEYS), "seconds")
+
+
+@dataclass
+class LesionTrainConfig(YamlConfig):
+    """Settings of ``irisseg lesion train`` (a YAML file with these keys; unknown keys are an error).
+
+    Attributes:
+      channels: U-Net widths per level (the number of levels is its length); deep_supervision: auxiliary
+        losses at the coarser decoder levels (weights halving per level).
+      patch: training patch side (voxels, cubic), also the sliding-window size; batch_size: patches per step.
+      positive_fraction: share of patches centred on a lesion voxel (component-balanced); the rest are
+        centred anywhere in the body.
+      loss: ``dice_bce`` | ``tversky`` | ``focal_dice``; tversky_alpha / tversky_beta: Tversky weights of
+        false positives / false negatives; focal_gamma: focal-Dice exponent.
+      lr, weight_decay: AdamW; the learning rate follows a cosine schedule over ``epochs``.
+      epochs: most epochs; steps_per_epoch: optimiser steps per epoch; patience: epochs without a better
+        validation Dice before stopping; max_minutes: wall-time budget of the whole run (None: none).
+      val_fraction: share of cases held out for validation (split by ``seed``).
+      overlap: sliding-window overlap; threshold: probability threshold of predictions.
+      augment: random flips, intensity scale / shift and noise on training patches.
+      num_workers: DataLoader workers drawing patches; num_threads: torch threads (None: default); seed.
+    """
+
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    deep_supervision: bool = True
+    patch: int = 48
+    batch_size: int = 2
+    positive_fraction: float = 0.5
+    loss: str = "dice_bce"
+    tversky_alpha: float = 0.3
+    tversky_beta: float = 0.7
+    focal_gamma: float = 2.0
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    epochs: int = 40
+    steps_per_epoch: int = 50
+    patience: int = 10
+    max_minutes: float | None = None
+    val_fraction: float = 0.2
+    overlap: float = 0.5
+    threshold: float = 0.5
+    augment: bool = True
+    num_workers: int = 1
+    num_threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+        if self.loss not in LOSS_NAMES:
+            raise InputError(f"unknown loss {self.loss!r} (choose from {', '.join(LOSS_NAMES)})")
+        if self.patch < 8 or self.patch % (2 ** (len(self.channels) - 1)):
+            raise InputError(f"patch must be a multiple of {2 ** (len(self.channels) - 1)} (the U-Net's total "
+                             f"stride) and at least 8, got {self.patch}")
+        if not 0.0 <= self.positive_fraction <= 1.0:
+            raise InputError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class PreparedCase:
+    """One case ready for training and validation.
+
+    Attributes:
+      case_id (str): dataset case id.
+      image (np.ndarray): float32 (C, D, H, W), normalised (:func:`irisseg.lesion.normalize_channels`).
+      label (np.ndarray): uint8 (D, H, W), 1 = lesion (any non-zero label of the label map).
+      body (np.ndarray): bool (D, H, W) body mask (:func:`irisseg.lesion.body_mask`).
+      geometry (Volume): the first channel as read (its geometry is the case's).
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    body: np.ndarray
+    geometry: Volume
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        return self.geometry.spacing_zyx
+
+
+def prepare_case(case) -> PreparedCase:
+    """Read and normalise one labelled :class:`~irisseg.data.datasets.Case`.
+
+    Raises:
+      InputError: unreadable files, channels or label of different geometry, NaN intensities (naming the file).
+    """
+    channels, label = case.load()
+    for path, volume in zip(case.image_paths, channels, strict=False):
+        if not np.isfinite(volume.array).all():
+            raise InputError(f"{path}: image holds NaN or infinite intensities")
+    arrays = [v.array for v in channels]
+    body = body_mask(arrays)
+    return PreparedCase(case.case_id, normalize_channels(arrays, body), (label.array != 0).astype(np.uint8), body,
+                        channels[0])
+
+
+class _ValCases(torch.utils.data.Dataset):
+    def __init__(self, cases: list[PreparedCase]):
+        self.cases = cases
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict:
+        c = self.cases[i]
+        return {"image": torch.from_numpy(c.image)[None], "label": torch.from_numpy(c.label)[None, None].float(),
+                "index": i}
+
+
+# ---------------------------------------------------------------------------------------------------
+# module
+# ---------------------------------------------------------------------------------------------------
+def make_loss(cfg: LesionTrainConfig):
+    """The configured loss as ``fn(logits (B, 1, ...), target (B, 1, ...)) -> scalar``."""
+    from irisseg.losses import get_loss
+
+    kwargs = {"tversky": {"alpha": cfg.tversky_alpha, "beta": cfg.tversky_beta},
+              "focal_dice": {"gamma": cfg.focal_gamma}}.get(cfg.loss, {})
+    return get_loss(cfg.loss, **kwargs)
+
+
+class LesionLightning(L.LightningModule):
+    """LightningModule for patch training and whole-volume validation of a lesion U-Net."""
+
+    def __init__(self, model: torch.nn.Module, cfg: LesionTrainConfig, val_cases: list[PreparedCase]):
+        super().__init__()
+        self.model, self.cfg, self.val_cases = model, cfg, val_cases
+        self.loss_fn = make_loss(cfg)
+        self.best_val = -math.inf
+        self._train_losses: list[float] = []
+        self._val_rows: list[dict] = []
+        self.epoch_summary: dict | None = None
+        self.val_predictions: dict[int, np.ndarray] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _loss(self, out, target: torch.Tensor) -> torch.Tensor:
+        from irisseg.losses import deep_supervision_loss
+
+        if isinstance(out, (list, tuple)):
+            return deep_supervision_loss(self.loss_fn, out, target)
+        return self.loss_fn(out, target)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch["image"])
+        if isinstance(out, (list, tuple)):
+            out = [o.float() for o in out]
+        else:
+            out = out.float()
+        loss = self._loss(out, batch["label"])
+        self._train_losses.append(float(loss.detach()))
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        case = self.val_cases[int(batch["index"])]
+        logits = sliding_window_logits(self.model, batch["image"].cpu(), (self.cfg.patch,) * 3, self.cfg.overlap,
+                                       device=self.device)
+        label = batch["label"].cpu()
+        pred = (torch.sigmoid(logits) > self.cfg.threshold)[0, 0].numpy()
+        row = case_metrics(pred, case.label, case.spacing_zyx)
+        row["loss"] = float(self.loss_fn(logits, label))
+        self._val_rows.append(row)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows = []
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_rows:
+            return
+        rows = self._val_rows
+        summary = {"val_loss": float(np.mean([r["loss"] for r in rows]))}
+        for k in METRIC_KEYS:
+            values = np.array([r[k] for r in rows], float)
+            # HD95 is inf for a case whose prediction is empty: the median stays finite unless most are.
+            summary[f"val_{k}"] = float(np.median(values) if k == "hd95" else values.mean())
+        summary["train_loss"] = float(np.mean(self._train_losses)) if self._train_losses else float("nan")
+        self._train_losses = []
+        self.epoch_summary = summary
+        for k, v in summary.items():
+            if k.startswith("val_") and math.isfinite(v):
+                self.log(k.replace("val_", "val/", 1), v, prog_bar=k == "val_dice", batch_size=1)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        total = max(1, self.cfg.epochs * self.cfg.steps_per_epoch)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))) * min(1.0, (step + 1) / 20))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["irisseg_best_val"] = float(self.best_val)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best_val = float(checkpoint.get("irisseg_best_val", -math.inf))
+
+
+def _model_extra(cfg: LesionTrainConfig, info: dict) -> dict:
+    return {"lesion": {"patch": [cfg.patch] * 3, "overlap": cfg.overlap, "threshold": cfg.threshold,
+                       "normalization": "per-channel clip 0.5-99.5 pct + z-score over the body (non-zero voxels)",
+                       **info},
+            "train": cfg.to_dict()}
+
+
+def read_metrics_csv(path: str | Path) -> list[dict]:
+    """Rows of a ``RUN/metrics.csv`` (numbers as floats, ``epoch`` / ``step`` as ints); [] if there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        out.append({k: (int(v) if k in ("epoch", "step") else float(v)) for k, v in r.items() if v != ""})
+    return out
+
+
+class LesionRunRecorder(L.Callback):
+    """After each validation: append a row to ``RUN/metrics.csv``, export ``RUN/last`` and, when validation
+    Dice improves, ``RUN/best``. On (re)start, rows of epochs not yet reached are dropped (a resumed run
+    repeats them)."""
+
+    def __init__(self, run_dir: Path, cfg: LesionTrainConfig, info: dict):
+        self.run_dir, self.cfg, self.info = Path(run_dir), cfg, info
+        self._t0 = time.time()
+        self._elapsed = 0.0
+
+    @property
+    def csv_path(self) -> Path:
+        return self.run_dir / "metrics.csv"
+
+    def on_train_start(self, trainer: L.Trainer, module: LesionLightning) -> None:
+        rows = [r for r in read_metrics_csv(self.csv_path) if r["epoch"] < trainer.current_epoch]
+        self._elapsed = rows[-1]["seconds"] if rows else 0.0
+        self._t0 = time.time()
+        self._write(rows)
+
+    def _write(self, rows: list[dict]) -> None:
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(METRICS_COLUMNS))
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: r.get(k, "") for k in METRICS_COLUMNS})
+        tmp.replace(self.csv_path)
+
+    def on_validation_end(self, trainer: L.Trainer, module: LesionLightning) -> None:
+        s = module.epoch_summary
+        if trainer.sanity_checking or s is None:
+            return
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, **s,
+               "seconds": self._elapsed + time.time() - self._t0}
+        rows = [r for r in read_metrics_csv(self.csv_path) if r["epoch"] < trainer.current_epoch]
+        self._write([*rows, row])
+        extra = _model_extra(self.cfg, {**self.info, "epoch": trainer.current_epoch,
+                                        "val": {k: s[k] for k in s if k.startswith("val_")}})
+        module.model.save(self.run_dir / "last", extra=extra)
+        if s["val_dice"] > module.best_val:
+            module.best_val = s["val_dice"]
+            module.model.save(self.run_dir / "best", extra=extra)
+
+
+class _PatchEpoch(L.Callback):
+    """Tell the patch stream which epoch starts, so every epoch draws new patches (deterministically)."""
+
+    def __init__(self, patches):
+        self.patches = patches
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.patches.set_epoch(trainer.current_epoch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------
+def _splits(dataset, cfg: LesionTrainConfig, out: Path, resume: bool) -> dict[str, list[str]]:
+    from irisseg.data.datasets import split
+
+    path = out / "splits.json"
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    if len(dataset.cases) < 2:
+        raise InputError(f"{dataset.root}: lesion training needs at least 2 labelled cases (one for validation), "
+                         f"found {len(dataset.cases)}")
+    s = split(dataset, (1.0 - cfg.val_fraction, cfg.val_fraction, 0.0), seed=cfg.seed)
+    if not s["val"]:
+        s["val"], s["train"] = s["train"][-1:], s["train"][:-1]
+    return {"train": s["train"], "val": s["val"]}
+
+
+def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resume: bool = False,
+                 device: str = "auto", progress: bool = True, callbacks: list[L.Callback] | None = None) -> Path:
+    """Train a lesion U-Net on an nnU-Net-style dataset; returns the run folder.
+
+    Arguments:
+      cfg (LesionTrainConfig): settings.
+      data (str | Path): dataset folder (``dataset.json``, ``imagesTr/<case>_0000.nii.gz`` ..., ``labelsTr/``);
+        multi-channel images allowed; lesion = any non-zero label.
+      out (str | Path): run folder: ``best/``, ``last/`` (model folders), ``metrics.csv``, ``splits.json``,
+        ``train_config.yaml``, ``logs/`` (CSV, TensorBoard), ``checkpoints/last.ckpt``.
+      resume (bool): continue from ``out/checkpoints/last.ckpt`` with the same split.
+      device: ``cpu``, ``cuda`` or ``auto`` (bf16 autocast on CUDA).
+      callbacks: extra Lightning callbacks (tests).
+
+    Raises:
+      InputError: an unreadable dataset or case, fewer than 2 cases, nothing to resume.
+    """
+    import yaml
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from irisseg.data.datasets import load_dataset
+    from irisseg.data.patches import LesionPatchDataset, PatchAugmentConfig, PatchConfig
+    from irisseg.models.unet import ResidualUNet, UNetConfig
+
+    out = Path(out)
+    ckpt = resume_path(out, resume)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    dataset = load_dataset(data)
+    splits = _splits(dataset, cfg, out, resume)
+    by_id = {c.case_id: c for c in dataset.cases}
+    train_cases = [prepare_case(by_id[i]) for i in splits["train"]]
+    val_cases = [prepare_case(by_id[i]) for i in splits["val"]]
+    n_channels = train_cases[0].image.shape[0]
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = ResidualUNet(UNetConfig(in_channels=n_channels, out_channels=1, channels=cfg.channels,
+                                    deep_supervision=cfg.deep_supervision))
+    patches = LesionPatchDataset(
+        [(c.image, c.label, c.body) for c in train_cases],
+        config=PatchConfig(patch_size=cfg.patch, positive_fraction=cfg.positive_fraction),
+        augment=PatchAugmentConfig() if cfg.augment else None, seed=cfg.seed,
+        samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size)
+    # Workers are not persistent, so each epoch's workers see the epoch set by _PatchEpoch (fresh patches
+    # every epoch, and the same ones after a resume).
+    train_dl = DataLoader(patches, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                          worker_init_fn=lambda _: torch.set_num_threads(1))
+    val_dl = DataLoader(_ValCases(val_cases), batch_size=None)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "splits.json").write_text(json.dumps(splits, indent=1))
+    (out / "train_config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "channels": list(cfg.channels)}))
+    info = {"dataset": str(data), "channel_names": list(dataset.channel_names), "splits": "splits.json"}
+    module = LesionLightning(model, cfg, val_cases)
+    stop = EarlyStopping(monitor="val/dice", mode="max", patience=cfg.patience, check_finite=False)
+    trainer = make_trainer(
+        out, max_epochs=cfg.epochs, device=device, gradient_clip_val=1.0,
+        callbacks=[stop, _PatchEpoch(patches), LesionRunRecorder(out, cfg, info), *(callbacks or [])],
+        progress=progress, max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None)
+    if ckpt:  # the first epoch's patch iterator is made before any hook runs: give it the resumed epoch
+        patches.set_epoch(int(torch.load(ckpt, map_location="cpu", weights_only=True).get("epoch", -1)) + 1)
+    trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt, weights_only=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# loss ablation
+# ---------------------------------------------------------------------------------------------------
+#: Columns of ``ablation_summary.csv``: the best epoch (by validation Dice) of each loss's run.
+ABLATION_COLUMNS = ("loss", "best_epoch", "epochs", "minutes", "val_dice", "val_iou", "val_lesion_recall",
+                    "val_lesion_precision", "val_lesion_f1", "val_hd95")
+
+
+def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], out: str | Path,
+                  device: str = "auto", progress: bool = True, n_overlays: int = 3) -> list[dict]:
+    """Train one run per loss on the same split and seed, then compare them (``irisseg lesion ablate``).
+
+    Arguments:
+      cfg (LesionTrainConfig): settings shared by every run (its ``loss`` is replaced per run).
+      data (str | Path): the dataset folder. losses (list[str]): names from :data:`LOSS_NAMES`.
+      out (str | Path): writes ``<loss>/`` (a full run folder each; a finished run is not retrained, an
+        interrupted one is resumed), ``ablation_summary.csv`` (:data:`ABLATION_COLUMNS`), ``dice_curve.png``
+        (validation Dice per epoch), ``loss_curve.png`` (training loss solid, validation loss dashed),
+        ``ablation_val_dice.png`` and ``ablation_val_recall.png`` (bars at each run's best epoch) and
+        ``overlay_<case>.png`` for the first ``n_overlays`` validation cases (image, reference, and each
+        loss's prediction).
+
+    Returns:
+      list[dict]: the summary rows, in ``losses`` order.
+    """
+    from dataclasses import replace
+
+    from irisseg.viz import bar_chart, line_plot
+
+    losses = list(dict.fromkeys(losses))
+    unknown = [x for x in losses if x not in LOSS_NAMES]
+    if not losses or unknown:
+        raise InputError(f"--losses: unknown loss(es) {', '.join(unknown) or '(none given)'} "
+                         f"(choose from {', '.join(LOSS_NAMES)})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, curves = [], {}
+    for loss in losses:
+        run = out / loss
+        done = run / "done.json"
+        if not done.is_file():
+            resume = (run / "checkpoints" / "last.ckpt").is_file()
+            train_lesion(replace(cfg, loss=loss), data, run, resume=resume, device=device, progress=progress)
+            done.write_text(json.dumps({"loss": loss}))
+        history = read_metrics_csv(run / "metrics.csv")
+        if not history:
+            raise InputError(f"{run}: the run recorded no epoch (metrics.csv is empty)")
+        best = max(history, key=lambda r: r.get("val_dice", -1.0))
+        rows.append({"loss": loss, "best_epoch": best["epoch"], "epochs": len(history),
+                     "minutes": history[-1]["seconds"] / 60.0, **{k: best.get(k, float("nan"))
+                                                                  for k in ABLATION_COLUMNS[4:]}})
+        curves[loss] = history
+    tmp = out / ".ablation_summary.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(ABLATION_COLUMNS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in ABLATION_COLUMNS})
+    tmp.replace(out / "ablation_summary.csv")
+
+    line_plot({loss: ([r["epoch"] for r in h], [r.get("val_dice", math.nan) for r in h]) for loss, h in curves.items()},
+              out / "dice_curve.png", xlabel="epoch", ylabel="validation Dice", title="Validation Dice per epoch")
+    series, styles = {}, {}
+    for loss, h in curves.items():
+        series[f"{loss} train"] = ([r["epoch"] for r in h], [r.get("train_loss", math.nan) for r in h])
+        series[f"{loss} val"] = ([r["epoch"] for r in h], [r.get("val_loss", math.nan) for r in h])
+        styles[f"{loss} val"] = "--"
+    line_plot(series, out / "loss_curve.png", xlabel="epoch", ylabel="loss", styles=styles,
+              title="Training (solid) and validation (dashed) loss")
+    bar_chart({r["loss"]: r["val_dice"] for r in rows}, out / "ablation_val_dice.png", ylabel="validation Dice",
+              title="Validation Dice (best epoch)", ylim=(0, 1))
+    bar_chart({r["loss"]: r["val_lesion_recall"] for r in rows}, out / "ablation_val_recall.png",
+              ylabel="lesion recall", title="Validation lesion recall (best epoch)", ylim=(0, 1))
+    _ablation_overlays(data, losses, out, n_overlays, device)
+    return rows
+
+
+def _ablation_overlays(data, losses: list[str], out: Path, n: int, device: str) -> None:
+    """``overlay_<case>.png``: the first ``n`` validation cases, reference and each loss's best-model prediction."""
+    from irisseg.data.datasets import load_dataset
+    from irisseg.lesion import LesionPredictor
+    from irisseg.viz import mask_centre, triplanar_overlays
+
+    if n <= 0:
+        return
+    val_ids = json.loads((out / losses[0] / "splits.json").read_text())["val"][:n]
+    by_id = {c.case_id: c for c in load_dataset(data).cases}
+    predictors = {loss: LesionPredictor(out / loss, device=device) for loss in losses}
+    for case_id in val_ids:
+        case = by_id[case_id]
+        channels, label = case.load()
+        ref = (label.array != 0).astype(np.uint8)
+        spacing = channels[0].spacing
+        centre = mask_centre({"reference": ref}, ref.shape)
+        panels = [{"image": channels[0].array, "masks": {"reference": ref}, "spacing": spacing, "centre": centre,
+                   "row_title": f"{case_id}: reference"}]
+        for loss, predictor in predictors.items():
+            pred = predictor.predict(channels).array
+            d = case_metrics(pred, ref, channels[0].spacing_zyx)
+            panels.append({"image": channels[0].array, "masks": {"reference": ref, loss: pred}, "spacing": spacing,
+                           "centre": centre, "fill": False,
+                           "row_title": f"{loss}: Dice {d['dice']:.3f}, lesion recall {d['lesion_recall']:.2f}"})
+        triplanar_overlays(panels, out / f"overlay_{case_id}.png", title=f"{case_id}: image / reference / prediction")

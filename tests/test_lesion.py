@@ -1,0 +1,236 @@
+"""Supervised lesion pipeline: sliding-window prediction, training (metrics, exports, resume), the
+``irisseg lesion`` commands end to end on tiny synthetic data, and bad input.
+
+The models here are tiny and train for a few steps: the assertions are about shapes, geometry,
+bookkeeping and error handling, not about segmentation quality (that is a benchmark's job).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from irisseg.cli import main
+from irisseg.io import Volume, read_volume, same_geometry, write_volume
+from irisseg.lesion import LesionPredictor, case_metrics, normalize_channels, sliding_window_logits
+from irisseg.models.unet import ResidualUNet, UNetConfig
+from irisseg.training.lesion import METRICS_COLUMNS, LesionTrainConfig, read_metrics_csv, train_lesion
+
+TINY = dict(channels=[4, 8], deep_supervision=True, patch=16, batch_size=2, steps_per_epoch=2, epochs=2,
+            patience=5, num_workers=0, val_fraction=0.34, lr=3e-3)
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lesion") / "Dataset001_Lesion"
+    assert main(["synth", "--mode", "lesion", "--cases", "3", "--shape", "24", "--seed", "77", "--out", str(root)]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dataset, tiny_config):
+    run = tmp_path_factory.mktemp("runs") / "lesion"
+    assert main(["lesion", "train", "--data", str(dataset), "--out", str(run), "--config", str(tiny_config),
+                 "--device", "cpu"]) == 0
+    return run
+
+
+def test_sliding_window_equals_whole_volume_prediction_when_the_volume_fits():
+    torch.manual_seed(0)
+    model = ResidualUNet(UNetConfig(in_channels=2, channels=(4, 8, 16))).eval()
+    image = torch.randn(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        whole = model(image)
+    window = sliding_window_logits(model, image, (16, 16, 16), overlap=0.5)
+    torch.testing.assert_close(window, whole, atol=1e-5, rtol=1e-5)
+    # A volume smaller than the window is padded and cropped back: same shape as the input.
+    small = sliding_window_logits(model, torch.randn(1, 2, 10, 13, 7), (16, 16, 16))
+    assert small.shape == (1, 1, 10, 13, 7)
+    # Larger than the window: many windows, the output covers the volume.
+    big = sliding_window_logits(model, torch.randn(1, 2, 30, 20, 18), (16, 16, 16), overlap=0.25)
+    assert big.shape == (1, 1, 30, 20, 18) and torch.isfinite(big).all()
+
+
+def test_normalisation_is_per_channel_over_the_body():
+    rng = np.random.default_rng(0)
+    body = np.zeros((12, 12, 12), bool)
+    body[2:10, 2:10, 2:10] = True
+    a = np.where(body, rng.normal(100, 10, body.shape), 0).astype(np.float32)
+    b = np.where(body, rng.normal(5, 0.1, body.shape), 0).astype(np.float32)
+    out = normalize_channels([a, b])
+    assert out.shape == (2, 12, 12, 12) and out.dtype == np.float32
+    for c in out:
+        assert abs(c[body].mean()) < 0.05 and abs(c[body].std() - 1) < 0.1
+
+
+def test_case_metrics_count_lesions():
+    ref = np.zeros((10, 10, 10), np.uint8)
+    ref[1:3, 1:3, 1:3] = 1
+    ref[6:9, 6:9, 6:9] = 1
+    pred = np.zeros_like(ref)
+    pred[6:9, 6:9, 6:9] = 1
+    m = case_metrics(pred, ref, (1.0, 1.0, 1.0))
+    assert m["lesion_recall"] == 0.5 and m["lesion_precision"] == 1.0 and m["n_lesions"] == 2
+    assert m["dice"] == pytest.approx(2 * 27 / (27 + 35))
+
+
+def test_train_writes_metrics_models_and_splits(trained):
+    rows = read_metrics_csv(trained / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [0, 1]
+    with (trained / "metrics.csv").open() as f:
+        assert tuple(next(csv.reader(f))) == METRICS_COLUMNS
+    for r in rows:
+        assert 0.0 <= r["val_dice"] <= 1.0 and 0.0 <= r["val_lesion_recall"] <= 1.0
+        assert np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"])
+    splits = json.loads((trained / "splits.json").read_text())
+    assert len(splits["train"]) == 2 and len(splits["val"]) == 1 and not set(splits["train"]) & set(splits["val"])
+    for name in ("best", "last"):
+        cfg = json.loads((trained / name / "config.json").read_text())
+        assert cfg["extra"]["lesion"]["patch"] == [16, 16, 16]
+        assert (trained / name / "model.safetensors").is_file()
+    assert list((trained / "logs").rglob("metrics.csv"))  # Lightning's own CSV log too
+
+
+class _CrashAt(L.Callback):
+    """Simulate a killed run: raise when an epoch starts."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("killed")
+
+
+class _FirstEpoch(L.Callback):
+    def __init__(self):
+        self.first = None
+
+    def on_train_epoch_start(self, trainer, module):
+        if self.first is None:
+            self.first = trainer.current_epoch
+
+
+def test_a_killed_run_resumes_from_the_last_epoch(tmp_path, dataset):
+    cfg = LesionTrainConfig(**{**TINY, "epochs": 3})
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):
+        train_lesion(cfg, dataset, run, device="cpu", progress=False, callbacks=[_CrashAt(2)])
+    assert [r["epoch"] for r in read_metrics_csv(run / "metrics.csv")] == [0, 1]
+    first = _FirstEpoch()
+    train_lesion(cfg, dataset, run, resume=True, device="cpu", progress=False, callbacks=[first])
+    assert first.first == 2  # continued, not restarted
+    assert [r["epoch"] for r in read_metrics_csv(run / "metrics.csv")] == [0, 1, 2]
+
+
+def oblique_case(seed: int) -> tuple[Volume, Volume]:
+    """An image of another shape and an oblique, anisotropic geometry, with one bright blob as lesion."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0.3, 0.02, (19, 23, 17)).astype(np.float32)
+    label = np.zeros(image.shape, np.uint8)
+    label[8:11, 10:13, 7:10] = 1
+    image[label > 0] = 0.9
+    geo = dict(spacing=(0.8, 1.3, 2.4), origin=(-12.5, 30.0, 4.25),
+               direction=Rotation.from_euler("xyz", (10, -20, 35), degrees=True).as_matrix())
+    return Volume(image, **geo), Volume(label, **geo)
+
+
+def test_cli_predict_and_evaluate_keep_the_input_geometry(capsys, tmp_path, trained, dataset):
+    image, label = oblique_case(3)
+    src = tmp_path / "in"
+    img_path = write_volume(image, src / "odd_0000.nii.gz")
+    code, out, err = run_cli(capsys, "lesion", "predict", "--model", trained, "--input", img_path,
+                             "--out", tmp_path / "pred.nii.gz", "--probabilities")
+    assert code == 0, err
+    pred, prob = read_volume(tmp_path / "pred.nii.gz"), read_volume(tmp_path / "pred_prob.nii.gz")
+    assert same_geometry(pred, image, tol=1e-4) and same_geometry(prob, image, tol=1e-4)
+    assert pred.array.dtype == np.uint8 and set(np.unique(pred.array)) <= {0, 1}
+    assert 0.0 <= prob.array.min() and prob.array.max() <= 1.0
+    # The CLI output equals the Python API's.
+    api = LesionPredictor(trained).predict([image])
+    np.testing.assert_array_equal(api.array, pred.array)
+
+    # A folder of images: one output per case, named by case id.
+    code, _, err = run_cli(capsys, "lesion", "predict", "--model", trained, "--input", dataset / "imagesTr",
+                           "--out", tmp_path / "folder")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["case_0000.nii.gz", "case_0001.nii.gz",
+                                                                       "case_0002.nii.gz"]
+
+    report = tmp_path / "report.csv"
+    code, out, err = run_cli(capsys, "lesion", "evaluate", "--model", trained, "--data", dataset, "--out", report)
+    assert code == 0, err
+    with report.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == ["case_0000", "case_0001", "case_0002", "mean", "median"]
+    dice = [float(r["dice"]) for r in rows[:3]]
+    assert float(rows[3]["dice"]) == pytest.approx(np.mean(dice), abs=1e-5)
+    assert "lesion_recall" in rows[0] and "hd95" in rows[0]
+
+
+def test_cli_lesion_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, trained):
+    image, _ = oblique_case(4)
+    bad = tmp_path / "bad"
+    nan = write_volume(image.with_array(np.full(image.shape, np.nan, np.float32)), bad / "nan.nii.gz")
+    corrupt = bad / "corrupt.nii.gz"
+    corrupt.write_bytes(b"not a nifti")
+    good = write_volume(image, bad / "good.nii.gz")
+    cases = {
+        "missing input": (["predict", "--model", trained, "--input", bad / "nope.nii.gz"], "nope.nii.gz: no such file"),
+        "nan": (["predict", "--model", trained, "--input", nan], "NaN"),
+        "corrupt": (["predict", "--model", trained, "--input", corrupt], "corrupt.nii.gz"),
+        "not a model": (["predict", "--model", bad, "--input", good], "no lesion model"),
+        "missing data": (["evaluate", "--model", trained, "--data", bad / "none"], "no such dataset folder"),
+        "unknown loss": (["train", "--data", bad, "--loss", "hinge"], "unknown loss"),
+        "unknown ablation loss": (["ablate", "--data", bad, "--losses", "dice_bce,hinge"], "unknown loss"),
+    }
+    for name, (args, message) in cases.items():
+        out = tmp_path / f"out_{name.replace(' ', '_')}"
+        code, _, err = run_cli(capsys, "lesion", *args, "--out", out / "report.csv" if args[0] == "evaluate" else out)
+        assert code == 2, (name, err)
+        assert err.count("\n") == 1 and err.startswith("irisseg: error: ") and message in err, (name, err)
+        assert not out.exists() or not any(out.rglob("*.nii.gz")), name
+    assert not list(tmp_path.rglob(".irisseg-*"))
+
+
+def test_cli_ablate_writes_the_table_and_plots_and_skips_finished_runs(capsys, tmp_path, dataset, tiny_config):
+    out = tmp_path / "ablation"
+    args = ["lesion", "ablate", "--data", dataset, "--losses", "dice_bce,tversky", "--config", tiny_config,
+            "--epochs", "1", "--out", out, "--device", "cpu"]
+    code, text, err = run_cli(capsys, *args)
+    assert code == 0, err
+    with (out / "ablation_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["loss"] for r in rows] == ["dice_bce", "tversky"]
+    for r in rows:
+        history = read_metrics_csv(out / r["loss"] / "metrics.csv")
+        best = max(history, key=lambda h: h["val_dice"])
+        assert float(r["val_dice"]) == pytest.approx(best["val_dice"], abs=1e-4)  # computed, not typed
+    for png in ("dice_curve.png", "loss_curve.png", "ablation_val_dice.png", "ablation_val_recall.png"):
+        assert (out / png).stat().st_size > 5_000, png
+    assert list(out.glob("overlay_*.png"))
+    stamp = (out / "dice_bce" / "best" / "model.safetensors").stat().st_mtime_ns
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert (out / "dice_bce" / "best" / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
