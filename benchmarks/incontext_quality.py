@@ -266,6 +266,33 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def combine_runs(paths: list[Path], out: Path | None, markdown: bool) -> int:
+    """Pool the per-task results of several ``--json`` files by task seed and print one summary table.
+
+    A (seed, method, K) result found in several files is taken from the first file that has it. Tasks
+    with the same seed are the same task (same generator call), whatever file they come from.
+    """
+    by_seed: dict[int, dict] = {}
+    sources = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        st = data["settings"]
+        sources.append({"file": str(path), **st})
+        print(f"{path}: model {st['model']} ({st.get('weights_sha256')}), methods {', '.join(st['methods'])}, "
+              f"{len(data['tasks'])} tasks", flush=True)
+        for rec in data["tasks"]:
+            cur = by_seed.setdefault(rec["seed"], {**rec, "results": []})
+            seen = {(r["method"], r["k"]) for r in cur["results"]}
+            cur["results"] += [r for r in rec["results"] if (r["method"], r["k"]) not in seen]
+    records = [by_seed[s] for s in sorted(by_seed)]
+    rows = summarize(records)
+    print(f"\n{len(records)} tasks (seeds {min(by_seed)}..{max(by_seed)})")
+    print_table(rows, markdown=markdown)
+    if out:
+        _write_json(out, {"settings": {"combined": sources}, "tasks": records, "summary": rows})
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="starter", help="'starter', a model folder or a training run folder")
@@ -283,7 +310,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch and ITK (every method)")
     ap.add_argument("--json", type=Path, default=None, help="write per-task results here (and resume from it)")
     ap.add_argument("--markdown", action="store_true", help="also print the summary as a markdown table")
+    ap.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="only summarise earlier --json outputs together (results pooled per task seed, e.g. the "
+                         "model's methods from one run and the baselines from another); --json writes the pool")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine_runs(args.combine, args.json, args.markdown)
     args.methods = _parse_list(args.methods)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown or not args.ks or min(args.ks) < 1:
