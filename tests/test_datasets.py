@@ -12,6 +12,7 @@ import SimpleITK as sitk
 
 from irisseg.data.datasets import (
     Dataset,
+    image_cases,
     kfold,
     load_dataset,
     load_splits,
@@ -489,3 +490,28 @@ def test_msd_unpaired_and_missing_channel(tmp_path):
     assert "1 training image(s) without a label: p1" in msg
     assert "1 label(s) without an image: p9" in msg
     assert "1 image(s) lack a channel file (2 declared), e.g.: p3_0001.nii.gz" in msg
+
+
+def test_image_cases_groups_channel_files_and_reports_what_is_missing(tmp_path):
+    vol = Volume(np.zeros((4, 5, 6), np.float32))
+    folder = tmp_path / "imagesTs"
+    for case in ("b", "a"):
+        for c in range(2):
+            write_volume(vol, folder / f"{case}_{c:04d}.nii.gz")
+    cases = image_cases(folder, n_channels=2)
+    assert [c for c, _ in cases] == ["a", "b"]
+    assert [p.name for p in cases[0][1]] == ["a_0000.nii.gz", "a_0001.nii.gz"]
+    # A channel file finds its siblings; a single-channel model takes any file as one case.
+    assert image_cases(folder / "b_0000.nii.gz", n_channels=2) == [("b", [folder / "b_0000.nii.gz",
+                                                                          folder / "b_0001.nii.gz"])]
+    plain = write_volume(vol, tmp_path / "scan.nii.gz")
+    assert image_cases(plain) == [("scan", [plain])]
+    with pytest.raises(InputError, match="c_0001.nii.gz: missing channel file"):
+        write_volume(vol, folder / "c_0000.nii.gz")
+        image_cases(folder / "c_0000.nii.gz", n_channels=2)
+    with pytest.raises(InputError, match="lack a channel file"):
+        image_cases(folder, n_channels=2)
+    with pytest.raises(InputError, match="expects 2 channels"):
+        image_cases(plain, n_channels=2)
+    with pytest.raises(InputError, match="no such file"):
+        image_cases(tmp_path / "nope")
