@@ -108,6 +108,7 @@ def test_train_writes_metrics_models_and_splits(trained):
         assert cfg["extra"]["lesion"]["patch"] == [16, 16, 16]
         assert (trained / name / "model.safetensors").is_file()
     assert list((trained / "logs").rglob("metrics.csv"))  # Lightning's own CSV log too
+    assert list((trained / "tensorboard").rglob("events.out.tfevents.*"))  # and TensorBoard
 
 
 class _CrashAt(L.Callback):
