@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from irisseg.errors import InputError
 from irisseg.losses import (
     LOSSES,
+    batch_dice,
     deep_supervision_loss,
     dice_bce_loss,
     focal_dice_loss,
@@ -145,3 +146,27 @@ def test_deep_supervision_loss_pools_the_target():
     assert float(mx) == pytest.approx(float(loss_fn(outs[1], F.max_pool3d(target, 2))), abs=1e-6)
     with pytest.raises(ValueError, match="weights"):
         deep_supervision_loss(loss_fn, outs, target, weights=[1.0])
+
+
+def test_batch_dice_matches_monai_batch_mode():
+    from monai.losses import DiceLoss, TverskyLoss
+
+    logits, target = _pair(3)
+    ref = DiceLoss(sigmoid=True, batch=True)(logits, target)
+    assert float(batch_dice(soft_dice_loss)(logits, target)) == pytest.approx(float(ref), abs=1e-5)
+    ref_t = TverskyLoss(sigmoid=True, alpha=0.3, beta=0.7, batch=True)(logits, target)
+    assert float(batch_dice(get_loss("tversky"))(logits, target)) == pytest.approx(float(ref_t), abs=1e-5)
+    # Dice + BCE: the BCE (a voxel mean) is unchanged by folding the batch in.
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    folded = batch_dice(dice_bce_loss)(logits, target)
+    assert float(folded) == pytest.approx(float(ref) + float(bce), abs=1e-5)
+    # A lesion-free patch beside a lesion patch: its false positives now cost something.
+    logits = torch.zeros(2, 1, 4, 4, 4)
+    target = torch.zeros(2, 1, 4, 4, 4)
+    target[0, 0, :2] = 1
+    logits[1] = 5.0  # confident false positives on the empty patch
+    per_patch = soft_dice_loss(logits, target, reduction="none")
+    assert per_patch[1, 0] > 0.99  # alone, the empty patch's loss is ~1 with or without the mistakes
+    fixed = logits.clone()
+    fixed[1] = -5.0  # the empty patch predicted empty
+    assert float(batch_dice(soft_dice_loss)(logits, target)) > float(batch_dice(soft_dice_loss)(fixed, target)) + 0.1

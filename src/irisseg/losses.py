@@ -38,6 +38,7 @@ __all__ = [
     "focal_dice_loss",
     "deep_supervision_loss",
     "get_loss",
+    "batch_dice",
     "LOSSES",
 ]
 
@@ -313,6 +314,31 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "tversky": tversky_loss,
     "focal_dice": focal_dice_loss,
 }
+
+
+def batch_dice(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+               ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Make a loss count its overlap over the whole batch at once ("batch Dice", as nnU-Net trains).
+
+    The batch is folded into the voxels: ``(B, N, *spatial)`` becomes ``(1, N, B * prod(spatial))`` before
+    ``loss_fn`` sees it, so TP / FP / FN are summed over every patch of the batch per class (MONAI's
+    ``DiceLoss(batch=True)``). Voxel-wise terms (BCE, focal) keep the same value. With lesion-aware
+    patches this matters: a patch without lesion has no soft Dice to learn from on its own (its loss is
+    about 1 whatever the prediction), while in the batch sum its false positives count.
+
+    Arguments:
+      loss_fn: any loss of this module (or ``get_loss(...)``), ``(logits, target) -> loss``.
+
+    Returns:
+      Callable: ``loss(logits (B, N, *spatial), target (B, N, *spatial)) -> torch.Tensor``.
+    """
+
+    def folded(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _check(logits, target)
+        n = logits.shape[1]
+        return loss_fn(logits.transpose(0, 1).reshape(1, n, -1), target.transpose(0, 1).reshape(1, n, -1))
+
+    return folded
 
 
 def get_loss(name: str, **kwargs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -51,7 +51,8 @@ class LesionTrainConfig(YamlConfig):
       positive_fraction: share of patches centred on a lesion voxel (component-balanced); the rest are
         centred anywhere in the body.
       loss: ``dice_bce`` | ``tversky`` | ``focal_dice``; tversky_alpha / tversky_beta: Tversky weights of
-        false positives / false negatives; focal_gamma: focal-Dice exponent.
+        false positives / false negatives; focal_gamma: focal-Dice exponent; batch_dice: overlap terms summed over the whole
+        batch (:func:`irisseg.losses.batch_dice`; a lesion-free patch alone gives the soft Dice nothing to learn).
       lr, weight_decay: AdamW; the learning rate follows a cosine schedule over ``epochs``.
       epochs: most epochs; steps_per_epoch: optimiser steps per epoch; patience: epochs without a better
         validation Dice before stopping; max_minutes: wall-time budget of the whole run (None: none).
@@ -70,6 +71,7 @@ class LesionTrainConfig(YamlConfig):
     tversky_alpha: float = 0.3
     tversky_beta: float = 0.7
     focal_gamma: float = 2.0
+    batch_dice: bool = True
     lr: float = 2e-3
     weight_decay: float = 1e-5
     epochs: int = 40
@@ -157,11 +159,12 @@ class _ValCases(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------------
 def make_loss(cfg: LesionTrainConfig):
     """The configured loss as ``fn(logits (B, 1, ...), target (B, 1, ...)) -> scalar``."""
-    from irisseg.losses import get_loss
+    from irisseg.losses import batch_dice, get_loss
 
     kwargs = {"tversky": {"alpha": cfg.tversky_alpha, "beta": cfg.tversky_beta},
               "focal_dice": {"gamma": cfg.focal_gamma}}.get(cfg.loss, {})
-    return get_loss(cfg.loss, **kwargs)
+    loss = get_loss(cfg.loss, **kwargs)
+    return batch_dice(loss) if cfg.batch_dice else loss
 
 
 class LesionLightning(L.LightningModule):
