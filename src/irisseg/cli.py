@@ -512,14 +512,16 @@ def segment(
     console.print(table)
 
 
-memory_app = typer.Typer(
-    name="memory",
-    help="The class memory bank of a model folder: named task embeddings for --strategy memory.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-app.add_typer(memory_app, name="memory")
+def _command_group(name: str, help: str) -> typer.Typer:
+    """A ``irisseg <name> ...`` group of sub-commands, registered on the main app."""
+    group = typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
+                        pretty_exceptions_enable=False)
+    app.add_typer(group, name=name)
+    return group
+
+
+memory_app = _command_group(
+    "memory", "The class memory bank of a model folder: named task embeddings for --strategy memory.")
 
 
 def _memory_folder(model: str, modify: bool) -> Path:
@@ -640,14 +642,8 @@ def _root(
 # ---------------------------------------------------------------------------------------------------
 # lesion: supervised lesion segmentation
 # ---------------------------------------------------------------------------------------------------
-lesion_app = typer.Typer(
-    name="lesion",
-    help="Supervised lesion segmentation: residual 3D U-Net, lesion-aware patches, whole-volume prediction.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-app.add_typer(lesion_app, name="lesion")
+lesion_app = _command_group(
+    "lesion", "Supervised lesion segmentation: residual 3D U-Net, lesion-aware patches, whole-volume prediction.")
 
 
 def _lesion_config(config: Path | None, **overrides):

@@ -9,18 +9,17 @@ Usage, segment-anything predictor style (encode the support once, answer many qu
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from einops import rearrange
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from irisseg.errors import InputError
 from irisseg.models.decoder import MaskDecoder
 from irisseg.models.encoder import Encoder
+from irisseg.models.folder import load_model_weights, read_model_config, save_model_folder
 from irisseg.models.matching import CorrespondenceMatcher
 from irisseg.models.memory import ClassMemoryBank
 from irisseg.models.task_encoding import TaskEmbedding, TaskEncoder
@@ -145,38 +144,20 @@ class IrisModel(nn.Module):
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
         """Write ``config.json``, ``model.safetensors`` and ``memory.safetensors`` into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = folder / ".model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(folder / "model.safetensors")
+        folder = save_model_folder(self, self.config.to_dict(), folder, extra)
         self.memory.save(folder / "memory.safetensors")
-        cfg = self.config.to_dict()
-        if extra:
-            cfg["extra"] = {**cfg.get("extra", {}), **extra}
-        (folder / ".config.json.tmp").write_text(json.dumps(cfg, indent=2))
-        (folder / ".config.json.tmp").replace(folder / "config.json")
         return folder
 
     @classmethod
     def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> IrisModel:
         """Rebuild a model from a folder written by :meth:`save` (safetensors only, no pickle)."""
         folder = Path(folder)
-        cfg_path, weights = folder / "config.json", folder / "model.safetensors"
-        for p in (cfg_path, weights):
-            if not p.is_file():
-                raise InputError(f"{folder}: not a model folder ({p.name} is missing)")
+        data = read_model_config(folder)
         try:
-            config = IrisConfig.from_dict(json.loads(cfg_path.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise InputError(f"{cfg_path}: unreadable model config ({exc})") from None
-        model = cls(config)
-        try:
-            state = load_file(str(weights), device=str(map_location))
-            model.load_state_dict(state)
-        except Exception as exc:  # safetensors / shape mismatches
-            raise InputError(f"{weights}: cannot load weights ({' '.join(str(exc).split())[:200]})") from None
+            config = IrisConfig.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{folder / 'config.json'}: unreadable model config ({exc})") from None
+        model = load_model_weights(cls(config), folder, map_location)
         if (folder / "memory.safetensors").is_file():
             model.memory = ClassMemoryBank.load(folder / "memory.safetensors")
         return model

@@ -14,18 +14,17 @@ and the outputs are cropped back (see :meth:`ResidualUNet.forward`).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from irisseg.errors import InputError
 from irisseg.models.blocks import ResidualBlock, nd_layers
+from irisseg.models.folder import load_model_weights, read_model_config, save_model_folder
 
 __all__ = ["UNetConfig", "ResidualUNet"]
 
@@ -249,19 +248,7 @@ class ResidualUNet(nn.Module):
         Returns:
           Path: ``folder``.
         """
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = folder / ".model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(folder / "model.safetensors")
-        cfg = self.config.to_dict()
-        if extra:
-            cfg["extra"] = {**cfg.get("extra", {}), **extra}
-        tmp_cfg = folder / ".config.json.tmp"
-        tmp_cfg.write_text(json.dumps(cfg, indent=2))
-        tmp_cfg.replace(folder / "config.json")
-        return folder
+        return save_model_folder(self, self.config.to_dict(), folder, extra)
 
     @classmethod
     def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> ResidualUNet:
@@ -277,24 +264,12 @@ class ResidualUNet(nn.Module):
         Raises:
           InputError: a file is missing or unreadable, the config is not a U-Net's, or the weights do not fit.
         """
-        folder = Path(folder)
-        cfg_path, weights = folder / "config.json", folder / "model.safetensors"
-        for p in (cfg_path, weights):
-            if not p.is_file():
-                raise InputError(f"{folder}: not a model folder ({p.name} is missing)")
-        try:
-            data = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{cfg_path}: unreadable model config ({exc})") from None
-        if not isinstance(data, dict) or "channels" not in data:
-            raise InputError(f"{cfg_path}: not a ResidualUNet config (no 'channels' entry)")
+        data = read_model_config(folder)
+        if "channels" not in data:
+            raise InputError(f"{Path(folder) / 'config.json'}: not a ResidualUNet config (no 'channels' entry)")
         try:
             config = UNetConfig.from_dict(data)
         except (TypeError, ValueError) as exc:
-            raise InputError(f"{cfg_path}: invalid U-Net config ({' '.join(str(exc).split())[:200]})") from None
-        model = cls(config)
-        try:
-            model.load_state_dict(load_file(str(weights), device=str(map_location)))
-        except Exception as exc:  # safetensors errors / missing or mis-shaped tensors
-            raise InputError(f"{weights}: cannot load weights ({' '.join(str(exc).split())[:200]})") from None
-        return model.to(map_location)
+            raise InputError(f"{Path(folder) / 'config.json'}: invalid U-Net config "
+                             f"({' '.join(str(exc).split())[:200]})") from None
+        return load_model_weights(cls(config), folder, map_location)

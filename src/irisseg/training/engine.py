@@ -16,6 +16,7 @@ import lightning as L
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import Dataset
 
 from irisseg.errors import InputError
 from irisseg.incontext import resolve_device
@@ -48,6 +49,19 @@ class YamlConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ListDataset(Dataset):
+    """A map-style dataset over a list that is already in memory (validation episodes, prepared cases)."""
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
 
 
 def loggers(run_dir: Path) -> list:

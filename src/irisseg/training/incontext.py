@@ -24,7 +24,7 @@ from irisseg.data.episodes import AugmentConfig, DatasetEpisodes, SyntheticEpiso
 from irisseg.errors import InputError
 from irisseg.losses import dice_bce_loss
 from irisseg.models.iris import IrisConfig, IrisModel, build_iris, transfer_weights
-from irisseg.training.engine import YamlConfig, make_trainer, resume_path
+from irisseg.training.engine import ListDataset, YamlConfig, make_trainer, resume_path
 
 
 @dataclass
@@ -92,17 +92,6 @@ class _Mixture(IterableDataset):
         its = [iter(s) for s in self.streams]
         while True:
             yield next(its[int(rng.choice(len(its), p=self.weights))])
-
-
-class _Fixed(torch.utils.data.Dataset):
-    def __init__(self, episodes: list[dict]):
-        self.episodes = episodes
-
-    def __len__(self) -> int:
-        return len(self.episodes)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.episodes[i]
 
 
 def _dice_per_class(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -250,7 +239,7 @@ def train_incontext(cfg: IncontextTrainConfig, out: str | Path, data: list[str] 
     workers = cfg.num_workers
     train_dl = DataLoader(train_ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                           worker_init_fn=lambda _: torch.set_num_threads(1))
-    val_dl = DataLoader(_Fixed(validation_episodes(cfg, val_families)), batch_size=None)
+    val_dl = DataLoader(ListDataset(validation_episodes(cfg, val_families)), batch_size=None)
     if cfg.init_from:
         start = IrisModel.load(cfg.init_from)
         model = IrisModel(IrisConfig.from_dict({**start.config.to_dict(), **cfg.model_overrides}))

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from irisseg.errors import InputError
 from irisseg.io import Volume
 from irisseg.lesion import METRIC_KEYS, body_mask, case_metrics, normalize_channels, sliding_window_logits
-from irisseg.training.engine import YamlConfig, make_trainer, resume_path
+from irisseg.training.engine import ListDataset, YamlConfig, make_trainer, resume_path
 
 __all__ = ["LesionTrainConfig", "PreparedCase", "prepare_case", "train_lesion", "read_metrics_csv",
            "LOSS_NAMES", "METRICS_COLUMNS"]
@@ -139,19 +139,6 @@ def prepare_case(case) -> PreparedCase:
     body = body_mask(arrays)
     return PreparedCase(case.case_id, normalize_channels(arrays, body), (label.array != 0).astype(np.uint8), body,
                         channels[0])
-
-
-class _ValCases(torch.utils.data.Dataset):
-    def __init__(self, cases: list[PreparedCase]):
-        self.cases = cases
-
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def __getitem__(self, i: int) -> dict:
-        c = self.cases[i]
-        return {"image": torch.from_numpy(c.image)[None], "label": torch.from_numpy(c.label)[None, None].float(),
-                "index": i}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -383,7 +370,9 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
     # every epoch, and the same ones after a resume).
     train_dl = DataLoader(patches, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                           worker_init_fn=lambda _: torch.set_num_threads(1))
-    val_dl = DataLoader(_ValCases(val_cases), batch_size=None)
+    val_dl = DataLoader(ListDataset([{"image": torch.from_numpy(c.image)[None],
+                                      "label": torch.from_numpy(c.label)[None, None].float(), "index": i}
+                                     for i, c in enumerate(val_cases)]), batch_size=None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "splits.json").write_text(json.dumps(splits, indent=1))
     (out / "train_config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "channels": list(cfg.channels)}))
