@@ -165,7 +165,6 @@ class LesionLightning(L.LightningModule):
         self._train_losses: list[float] = []
         self._val_rows: list[dict] = []
         self.epoch_summary: dict | None = None
-        self.val_predictions: dict[int, np.ndarray] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
