@@ -740,7 +740,7 @@ def lesion_predict(
         for (case_id, paths), target in zip(cases, targets, strict=True):
             channels = [read_volume(p) for p in paths]
             prob = predictor.predict_probabilities(channels, names=[str(p) for p in paths])
-            mask = prob.with_array((prob.array > predictor.threshold).astype(np.uint8))
+            mask = predictor.to_mask(prob)
             files.append((write_volume(mask, staging / str(len(files)) / target.name), target))
             if probabilities:
                 suffix = volume_suffix(target)
@@ -758,20 +758,6 @@ def lesion_predict(
     console.print(table)
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    """Write dict rows as CSV atomically (columns: the first row's keys); floats with 6 significant digits."""
-    import csv
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    tmp.replace(path)
-
-
 @lesion_app.command("evaluate")
 def lesion_evaluate(
     model: Annotated[Path, typer.Option("--model", help="Lesion run folder (uses best/) or model folder.")],
@@ -783,13 +769,14 @@ def lesion_evaluate(
 
     HD95 is inf for a case with lesions and an empty prediction; the mean and median rows use finite values.
     """
+    from irisseg.io import write_csv
     from irisseg.lesion import LesionPredictor, evaluate_dataset, summary_rows
 
     _check_dataset_dir(data)
     predictor = LesionPredictor(model, device=device)
     rows = evaluate_dataset(predictor, data)
     summary = summary_rows(rows)
-    _write_csv(out, [*rows, *summary])
+    write_csv(out, [*rows, *summary], float_digits=6)
     table = Table(title=f"irisseg lesion evaluate: {len(rows)} case(s)", title_justify="left")
     keys = ("dice", "iou", "lesion_recall", "lesion_precision", "lesion_f1", "hd95")
     for column in ("case", *keys):

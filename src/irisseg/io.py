@@ -29,6 +29,7 @@ import SimpleITK as sitk
 from irisseg.errors import InputError
 
 __all__ = [
+    "write_csv",
     "Volume",
     "read_volume",
     "read_mask",
@@ -550,3 +551,31 @@ def orientation_code(volume: Volume) -> str:
     opposites. An oblique direction gets the code of the closest axis-aligned orientation.
     """
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(tuple(volume.direction.reshape(-1)))
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | tuple[str, ...] | None = None,
+              float_digits: int | None = None) -> Path:
+    """Write table rows as CSV atomically (a temporary file, then a rename), creating parent folders.
+
+    Arguments:
+      path: the CSV file. rows: one dict per row. columns: column order (default: the first row's keys);
+        a key missing from a row is written empty.
+      float_digits: significant digits of float cells (None: Python's repr).
+
+    Returns:
+      Path: ``path``.
+    """
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(columns if columns is not None else (rows[0] if rows else []))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.{float_digits}g}" if float_digits and isinstance(r.get(k), float) else r.get(k, ""))
+                        for k in columns})
+    tmp.replace(path)
+    return path

@@ -219,8 +219,11 @@ class LesionPredictor:
 
     def predict(self, channels: Sequence[Volume], names: Sequence[str] | None = None) -> Volume:
         """Binary lesion mask: uint8 (D, H, W), 1 where the probability exceeds the threshold, in the input's geometry."""
-        prob = self.predict_probabilities(channels, names)
-        return prob.with_array((prob.array > self.threshold).astype(np.uint8))
+        return self.to_mask(self.predict_probabilities(channels, names))
+
+    def to_mask(self, probabilities: Volume) -> Volume:
+        """uint8 {0, 1} mask of a :meth:`predict_probabilities` output: 1 above the threshold, same geometry."""
+        return probabilities.with_array((probabilities.array > self.threshold).astype(np.uint8))
 
 
 def evaluate_dataset(predictor: LesionPredictor, data: str | Path) -> list[dict]:

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from irisseg.errors import InputError
-from irisseg.io import Volume
+from irisseg.io import Volume, write_csv
 from irisseg.lesion import METRIC_KEYS, body_mask, case_metrics, normalize_channels, sliding_window_logits
 from irisseg.training.engine import ListDataset, YamlConfig, make_trainer, resume_path
 
@@ -177,12 +177,7 @@ class LesionLightning(L.LightningModule):
         return self.loss_fn(out, target)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch["image"])
-        if isinstance(out, (list, tuple)):
-            out = [o.float() for o in out]
-        else:
-            out = out.float()
-        loss = self._loss(out, batch["label"])
+        loss = self._loss(self.model(batch["image"]), batch["label"])  # losses work in float32 under autocast
         self._train_losses.append(float(loss.detach()))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
@@ -271,13 +266,7 @@ class LesionRunRecorder(L.Callback):
         self._write(rows)
 
     def _write(self, rows: list[dict]) -> None:
-        tmp = self.csv_path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(METRICS_COLUMNS))
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k, "") for k in METRICS_COLUMNS})
-        tmp.replace(self.csv_path)
+        write_csv(self.csv_path, rows, METRICS_COLUMNS)
 
     def on_validation_end(self, trainer: L.Trainer, module: LesionLightning) -> None:
         s = module.epoch_summary
@@ -440,13 +429,8 @@ def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], o
                      "minutes": history[-1]["seconds"] / 60.0, **{k: best.get(k, float("nan"))
                                                                   for k in ABLATION_COLUMNS[4:]}})
         curves[loss] = history
-    tmp = out / ".ablation_summary.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(ABLATION_COLUMNS))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in ABLATION_COLUMNS})
-    tmp.replace(out / "ablation_summary.csv")
+    write_csv(out / "ablation_summary.csv", [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                                            for r in rows], ABLATION_COLUMNS)
 
     line_plot({loss: ([r["epoch"] for r in h], [r.get("val_dice", math.nan) for r in h]) for loss, h in curves.items()},
               out / "dice_curve.png", xlabel="epoch", ylabel="validation Dice", title="Validation Dice per epoch")
