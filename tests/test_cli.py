@@ -100,6 +100,10 @@ def _bad_inputs(tmp_path, pair):
     nan = write_volume(mask.with_array(nan_arr), tmp_path / "nan.nii.gz")
     cases["NaN intensities"] = (["metrics", "--pred", nan, "--ref", ref], "nan.nii.gz: image contains 1 NaN")
     cases["unknown mode"] = (["synth", "--mode", "bogus", "--out", tmp_path / "s"], "--mode: unknown mode 'bogus'")
+    cases["protocol outside lesion mode"] = (["synth", "--mode", "findings", "--protocol", "t1", "--out", tmp_path / "s"],
+                                             "--protocol applies to --mode lesion only")
+    cases["unknown protocol"] = (["synth", "--mode", "lesion", "--protocol", "pd", "--out", tmp_path / "s"],
+                                 "option protocol must be one of")
     cases["bad labels option"] = (["metrics", "--pred", ref, "--ref", ref, "--labels", "a,b"], "--labels")
     cases["missing option"] = (["metrics", "--pred", ref], "Missing option '--ref'")
     cases["image as mask"] = (["metrics", "--pred", img, "--ref", ref], "img.nii.gz")

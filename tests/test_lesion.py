@@ -20,7 +20,13 @@ from irisseg.cli import main
 from irisseg.io import Volume, read_volume, same_geometry, write_volume
 from irisseg.lesion import LesionPredictor, case_metrics, normalize_channels, sliding_window_logits
 from irisseg.models.unet import ResidualUNet, UNetConfig
-from irisseg.training.lesion import METRICS_COLUMNS, LesionTrainConfig, read_metrics_csv, train_lesion
+from irisseg.training.lesion import (
+    METRICS_COLUMNS,
+    LesionLightning,
+    LesionTrainConfig,
+    read_metrics_csv,
+    train_lesion,
+)
 
 TINY = dict(channels=[4, 8], deep_supervision=True, patch=16, batch_size=2, steps_per_epoch=2, epochs=2,
             patience=5, num_workers=0, val_fraction=0.34, lr=3e-3)
@@ -91,6 +97,18 @@ def test_case_metrics_count_lesions():
     m = case_metrics(pred, ref, (1.0, 1.0, 1.0))
     assert m["lesion_recall"] == 0.5 and m["lesion_precision"] == 1.0 and m["n_lesions"] == 2
     assert m["dice"] == pytest.approx(2 * 27 / (27 + 35))
+
+
+def test_learning_rate_anneals_over_steps_or_time_budget_whichever_ends_first():
+    cfg = LesionTrainConfig(**{**TINY, "epochs": 10, "steps_per_epoch": 10, "max_minutes": 5.0})
+    module = LesionLightning(ResidualUNet(UNetConfig(channels=(4, 8))), cfg, [])
+    assert module.budget_used() == 0.0  # not attached to a trainer
+    assert module.lr_factor(0) == pytest.approx(1 / 20)  # warm-up
+    assert module.lr_factor(50) == pytest.approx(0.5)  # half the steps: cosine at its midpoint
+    module.budget_used = lambda: 0.75  # three quarters of the time budget spent: time leads
+    assert module.lr_factor(50) == pytest.approx(0.5 * (1 + np.cos(0.75 * np.pi)))
+    module.budget_used = lambda: 1.2
+    assert module.lr_factor(50) == 0.0 and module.lr_factor(100) == 0.0
 
 
 def test_train_writes_metrics_models_and_splits(trained):
@@ -189,6 +207,15 @@ def test_cli_predict_and_evaluate_keep_the_input_geometry(capsys, tmp_path, trai
     assert float(rows[3]["dice"]) == pytest.approx(np.mean(dice), abs=1e-5)
     assert "lesion_recall" in rows[0] and "hd95" in rows[0]
 
+    # Only the run's validation cases, with mirror TTA.
+    code, out, err = run_cli(capsys, "lesion", "evaluate", "--model", trained, "--data", dataset, "--out", report,
+                             "--split", "val", "--tta")
+    assert code == 0, err
+    with report.open() as f:
+        rows = list(csv.DictReader(f))
+    val = json.loads((trained / "splits.json").read_text())["val"]
+    assert [r["case"] for r in rows] == [*val, "mean", "median"]
+
 
 def test_cli_lesion_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, trained):
     image, _ = oblique_case(4)
@@ -235,3 +262,49 @@ def test_cli_ablate_writes_the_table_and_plots_and_skips_finished_runs(capsys, t
     code, _, err = run_cli(capsys, *args)
     assert code == 0, err
     assert (out / "dice_bce" / "best" / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
+
+
+def test_two_channel_dataset_trains_predicts_and_refuses_a_missing_channel(capsys, tmp_path, dataset, tiny_config):
+    """nnU-Net multi-channel layout (case_XXXX_0000 / _0001): the model takes both, prediction needs both."""
+    root = tmp_path / "Dataset002_TwoChannel"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for label_path in sorted((dataset / "labelsTr").glob("*.nii.gz")):
+        case = label_path.name[: -len(".nii.gz")]
+        first = read_volume(dataset / "imagesTr" / f"{case}_0000.nii.gz")
+        write_volume(first, root / "imagesTr" / f"{case}_0000.nii.gz")
+        write_volume(first.with_array(1.0 - first.array), root / "imagesTr" / f"{case}_0001.nii.gz")
+        write_volume(read_volume(label_path), root / "labelsTr" / label_path.name)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "lesion", "train", "--data", root, "--out", run, "--config", tiny_config,
+                           "--epochs", 1, "--device", "cpu")
+    assert code == 0, err
+    assert LesionPredictor(run).in_channels == 2
+
+    code, _, err = run_cli(capsys, "lesion", "predict", "--model", run, "--input", root / "imagesTr",
+                           "--out", tmp_path / "pred")
+    assert code == 0, err
+    for case in ("case_0000", "case_0001", "case_0002"):
+        pred = read_volume(tmp_path / "pred" / f"{case}.nii.gz")
+        assert same_geometry(pred, read_volume(root / "imagesTr" / f"{case}_0000.nii.gz"), tol=1e-4)
+
+    # One channel file given: its _0001 sibling is found next to it ...
+    code, _, err = run_cli(capsys, "lesion", "predict", "--model", run,
+                           "--input", root / "imagesTr" / "case_0000_0000.nii.gz", "--out", tmp_path / "one.nii.gz")
+    assert code == 0, err
+    # ... and refused with one line when it is missing.
+    alone = write_volume(read_volume(root / "imagesTr" / "case_0000_0000.nii.gz"), tmp_path / "alone" / "x_0000.nii.gz")
+    code, out, err = run_cli(capsys, "lesion", "predict", "--model", run, "--input", alone,
+                             "--out", tmp_path / "two.nii.gz")
+    assert code == 2 and "expects 2 channel(s)" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "two.nii.gz").exists()
+
+
+def test_mirror_tta_prediction_is_equivariant_to_flipping_the_input(trained):
+    image, _ = oblique_case(5)
+    predictor = LesionPredictor(trained, tta=True)
+    prob = predictor.predict_probabilities([image]).array
+    flipped = predictor.predict_probabilities([image.with_array(image.array[::-1, :, ::-1].copy())]).array
+    np.testing.assert_allclose(flipped[::-1, :, ::-1], prob, atol=1e-5)
+    plain = LesionPredictor(trained).predict_probabilities([image]).array
+    assert not np.allclose(plain, prob, atol=1e-6)  # the flipped passes do change the average

@@ -138,6 +138,24 @@ def test_lesions_are_visible_in_the_image():
     assert abs(case.image[lesion].mean() - case.image[ring].mean()) > 0.02
 
 
+@pytest.mark.parametrize(("protocol", "sign"), [("flair", 1), ("t1", -1)])
+def test_lesion_protocol_fixes_lesion_polarity_across_cases(protocol, sign):
+    for seed in range(6):
+        case = _case("lesion", seed, shape=32, protocol=protocol, thick_slice=0.0)
+        lesion = case.label == 1
+        ring = ndi.binary_dilation(lesion, iterations=2) & ~lesion
+        assert sign * (case.image[lesion].mean() - case.image[ring].mean()) > 0, (protocol, seed)
+
+
+def test_lesion_protocol_is_validated_and_random_keeps_the_old_stream():
+    with pytest.raises(InputError, match="protocol"):
+        _case("lesion", 0, protocol="pd")
+    assert syn.mode_options("lesion")["protocol"] == "flair"
+    flair, rand = _case("lesion", 1), _case("lesion", 1, protocol="random")
+    np.testing.assert_array_equal(flair.label, rand.label)  # same lesions, other intensities
+    assert not np.array_equal(flair.image, rand.image)
+
+
 def test_territories_are_two_adjacent_complementary_labels_with_channels():
     for seed in range(3):
         case = _case("territories", seed, channels=3)

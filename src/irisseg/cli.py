@@ -156,6 +156,8 @@ def synth(
     families: Annotated[list[str] | None, typer.Option("--families", help="Shape families to use (comma-separated or repeated).")] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Shape families to hold out.")] = None,
     channels: Annotated[int | None, typer.Option("--channels", min=1, help="Image channels (territories mode).")] = None,
+    protocol: Annotated[str | None, typer.Option(
+        "--protocol", help="Lesion mode: flair (bright lesions, default) | t1 (dark lesions) | random (any contrast).")] = None,
 ) -> None:
     """Write a synthetic, domain-randomised nnU-Net-style dataset (imagesTr/, labelsTr/, dataset.json).
 
@@ -167,6 +169,10 @@ def synth(
     if mode not in MODES:
         raise InputError(f"--mode: unknown mode {mode!r} (choose from {', '.join(MODES)})")
     options = {} if channels is None else {"channels": channels}
+    if protocol is not None:
+        if mode != "lesion":
+            raise InputError(f"--protocol applies to --mode lesion only, not {mode!r}")
+        options["protocol"] = protocol
     with console.status(f"generating {cases} {mode} cases at {shape}^3 ..."):
         root = generate_dataset(
             out, mode=mode, cases=cases, shape=shape, seed=seed,
@@ -706,6 +712,7 @@ def lesion_predict(
     out: Annotated[Path, typer.Option("--out", help="Output file (one case) or folder (<case>.nii.gz per case).")],
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 probability maps (<case>_prob).")] = False,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Probability threshold (default: the model's, 0.5).")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (8 flipped passes averaged, 8x slower).")] = False,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto (bf16 autocast on cuda).")] = "cpu",
 ) -> None:
     """Segment lesions in whole volumes by sliding-window inference.
@@ -720,7 +727,7 @@ def lesion_predict(
     from irisseg.io import read_volume, volume_suffix, write_volume
     from irisseg.lesion import LesionPredictor
 
-    predictor = LesionPredictor(model, device=device, threshold=threshold)
+    predictor = LesionPredictor(model, device=device, threshold=threshold, tta=tta)
     cases = image_cases(input, predictor.in_channels)
     if volume_suffix(out):
         if len(cases) > 1:
@@ -763,18 +770,31 @@ def lesion_evaluate(
     model: Annotated[Path, typer.Option("--model", help="Lesion run folder (uses best/) or model folder.")],
     data: Annotated[Path, typer.Option("--data", help="Dataset folder: every labelled case (labelsTr, labelsTs) is scored.")],
     out: Annotated[Path, typer.Option("--out", help="CSV report: one row per case, then mean and median rows.")],
+    split: Annotated[str, typer.Option("--split", help="all | train | val: with val or train, only that part of the run's splits.json.")] = "all",
+    tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (8 flipped passes averaged).")] = False,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "cpu",
 ) -> None:
     """Predict every labelled case of a dataset and write Dice, IoU, lesion recall / precision / F1 and HD95 (mm).
 
     HD95 is inf for a case with lesions and an empty prediction; the mean and median rows use finite values.
+    ``--split val`` scores only the validation cases of the run given as --model (its splits.json).
     """
+    import json
+
     from irisseg.io import write_csv
     from irisseg.lesion import LesionPredictor, evaluate_dataset, summary_rows
 
     _check_dataset_dir(data)
-    predictor = LesionPredictor(model, device=device)
-    rows = evaluate_dataset(predictor, data)
+    case_ids = None
+    if split != "all":
+        splits_path = model / "splits.json"
+        if split not in ("train", "val"):
+            raise InputError(f"--split: choose all, train or val, not {split!r}")
+        if not splits_path.is_file():
+            raise InputError(f"--split {split}: {splits_path} not found (give a run folder as --model)")
+        case_ids = json.loads(splits_path.read_text())[split]
+    predictor = LesionPredictor(model, device=device, tta=tta)
+    rows = evaluate_dataset(predictor, data, case_ids)
     summary = summary_rows(rows)
     write_csv(out, [*rows, *summary], float_digits=6)
     table = Table(title=f"irisseg lesion evaluate: {len(rows)} case(s)", title_justify="left")

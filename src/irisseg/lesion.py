@@ -27,9 +27,8 @@ from irisseg.io import Volume, check_same_geometry
 from irisseg.models.blocks import autocast_for
 from irisseg.preprocess import clip_percentiles, zscore
 
-__all__ = ["LesionPredictor", "body_mask", "normalize_channels", "sliding_window_logits", "case_metrics",
-           "evaluate_dataset", "summary_rows",
-           "resolve_lesion_model_dir", "METRIC_KEYS"]
+__all__ = ["LesionPredictor", "body_mask", "check_channels", "normalize_channels", "sliding_window_logits",
+           "case_metrics", "evaluate_dataset", "summary_rows", "resolve_lesion_model_dir", "METRIC_KEYS"]
 
 #: The per-case metrics of a lesion evaluation, in report order.
 METRIC_KEYS = ("dice", "iou", "lesion_recall", "lesion_precision", "lesion_f1", "hd95")
@@ -123,6 +122,32 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float]
     return out
 
 
+def check_channels(channels: Sequence[Volume], in_channels: int, names: Sequence[str] | None = None) -> list[str]:
+    """Check the image channels of one case before a model sees them; returns their names.
+
+    Arguments:
+      channels (Sequence[Volume]): the case's channels, each (D, H, W).
+      in_channels (int): how many the model takes (files ``_0000`` ... ``_{in_channels - 1:04d}``).
+      names (Sequence[str] | None): how to name each channel in messages (default ``channel i``).
+
+    Raises:
+      InputError: a wrong channel count, a volume that is not 3D, NaN or infinite intensities, or channels
+        whose geometry differs from the first one's.
+    """
+    names = list(names) if names is not None else [f"channel {i}" for i in range(len(channels))]
+    if len(channels) != in_channels:
+        raise InputError(f"{names[0] if names else 'input'}: the model expects {in_channels} channel(s) "
+                         f"(_0000 ... _{in_channels - 1:04d}), got {len(channels)}")
+    for volume, name in zip(channels, names, strict=True):
+        if volume.array.ndim != 3:
+            raise InputError(f"{name}: expected a 3D volume, got shape {volume.array.shape}")
+        if not np.isfinite(volume.array).all():
+            raise InputError(f"{name}: image holds NaN or infinite intensities")
+    for volume, name in zip(channels[1:], names[1:], strict=True):
+        check_same_geometry(channels[0], volume, names[0], name)
+    return names
+
+
 def resolve_lesion_model_dir(path: str | Path) -> Path:
     """A lesion model folder: ``path`` itself when it holds ``config.json``, else ``path/best``.
 
@@ -155,6 +180,9 @@ class LesionPredictor:
       overlap (float | None): sliding-window overlap (default: the training config's).
       threshold (float | None): probability threshold (default: the training config's, 0.5).
       sw_batch_size (int): windows per forward pass.
+      tta (bool): mirror test-time augmentation, as nnU-Net predicts by default: the volume is also
+        predicted flipped along every combination of the three axes (8 passes, 8x the time) and the
+        probabilities are averaged after flipping back.
 
     Attributes:
       in_channels (int): image channels the model expects, in dataset channel order.
@@ -163,7 +191,7 @@ class LesionPredictor:
     """
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", overlap: float | None = None,
-                 threshold: float | None = None, sw_batch_size: int = 2):
+                 threshold: float | None = None, sw_batch_size: int = 2, tta: bool = False):
         from irisseg.incontext import resolve_device
         from irisseg.models.unet import ResidualUNet
 
@@ -180,21 +208,8 @@ class LesionPredictor:
         if not 0.0 < self.threshold < 1.0:
             raise InputError(f"threshold must be between 0 and 1 (exclusive), got {self.threshold}")
         self.sw_batch_size = int(sw_batch_size)
+        self.tta = bool(tta)
         self.seconds = 0.0
-
-    def _check(self, channels: Sequence[Volume], names: Sequence[str] | None) -> list[str]:
-        names = list(names) if names is not None else [f"channel {i}" for i in range(len(channels))]
-        if len(channels) != self.in_channels:
-            raise InputError(f"{names[0] if names else 'input'}: the model expects {self.in_channels} channel(s) "
-                             f"(_0000 ... _{self.in_channels - 1:04d}), got {len(channels)}")
-        for volume, name in zip(channels, names, strict=True):
-            if volume.array.ndim != 3:
-                raise InputError(f"{name}: expected a 3D volume, got shape {volume.array.shape}")
-            if not np.isfinite(volume.array).all():
-                raise InputError(f"{name}: image holds NaN or infinite intensities")
-        for volume, name in zip(channels[1:], names[1:], strict=True):
-            check_same_geometry(channels[0], volume, names[0], name)
-        return names
 
     def predict_probabilities(self, channels: Sequence[Volume], names: Sequence[str] | None = None) -> Volume:
         """Lesion probability of every voxel.
@@ -209,11 +224,19 @@ class LesionPredictor:
         Raises:
           InputError: wrong channel count, non-3D input, NaN intensities, channels of different geometry.
         """
-        self._check(channels, names)
+        check_channels(channels, self.in_channels, names)
         t0 = time.perf_counter()
+        from irisseg.incontext import MIRROR_AXES
+
         image = torch.from_numpy(normalize_channels([c.array for c in channels]))[None]
-        logits = sliding_window_logits(self.model, image, self.patch, self.overlap, self.sw_batch_size, self.device)
-        prob = torch.sigmoid(logits)[0, 0].numpy().astype(np.float32)
+        prob = torch.zeros(image.shape[2:])
+        passes = MIRROR_AXES if self.tta else ((),)
+        for axes in passes:
+            flipped = image.flip(axes) if axes else image
+            logits = sliding_window_logits(self.model, flipped, self.patch, self.overlap, self.sw_batch_size,
+                                           self.device)[0, 0]
+            prob += torch.sigmoid(logits.flip(axes) if axes else logits)
+        prob = (prob / len(passes)).numpy().astype(np.float32)
         self.seconds = time.perf_counter() - t0
         return channels[0].with_array(prob)
 
@@ -226,13 +249,14 @@ class LesionPredictor:
         return probabilities.with_array((probabilities.array > self.threshold).astype(np.uint8))
 
 
-def evaluate_dataset(predictor: LesionPredictor, data: str | Path) -> list[dict]:
+def evaluate_dataset(predictor: LesionPredictor, data: str | Path, case_ids: Sequence[str] | None = None) -> list[dict]:
     """Predict and score every labelled case of a dataset folder.
 
     Arguments:
       predictor (LesionPredictor): the model.
       data (str | Path): nnU-Net-style dataset folder; its training cases (``imagesTr`` + ``labelsTr``) and
         its test cases that have a label (``imagesTs`` + ``labelsTs``) are evaluated.
+      case_ids (Sequence[str] | None): only these cases (e.g. a run's validation split), in dataset order.
 
     Returns:
       list[dict]: per case ``case`` (id), the :func:`case_metrics` values and ``seconds`` (prediction time).
@@ -244,6 +268,11 @@ def evaluate_dataset(predictor: LesionPredictor, data: str | Path) -> list[dict]
 
     dataset = load_dataset(data)
     cases = [c for c in [*dataset.cases, *dataset.test_cases] if c.label_path is not None]
+    if case_ids is not None:
+        missing = sorted(set(case_ids) - {c.case_id for c in cases})
+        if missing:
+            raise InputError(f"{data}: no labelled case {missing[0]!r} (of {len(missing)} requested but missing)")
+        cases = [c for c in cases if c.case_id in set(case_ids)]
     if not cases:
         raise InputError(f"{data}: no labelled case to evaluate (labelsTr / labelsTs)")
     rows = []

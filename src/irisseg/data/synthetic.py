@@ -56,6 +56,7 @@ __all__ = [
     "FAMILY_FUNCTIONS",
     "FINDINGS",
     "FINDING_FAMILIES",
+    "LESION_PROTOCOLS",
     "PART_MAIN",
     "PART_CORE",
     "PART_LUMEN",
@@ -549,6 +550,10 @@ class _Scene:
         self.labels: list[int] = [0]
         self.contrast: list[_Contrast | None] = [None]
         self.std: list[tuple[float, float] | None] = [None]
+        #: fixed mean intensities of the first ``len(template)`` tissues (an acquisition protocol), or None
+        self.template: np.ndarray | None = None
+        #: ids of named tissues (the head scene names ``grey_matter``)
+        self.named: dict[str, int] = {}
 
     def paint(self, mask: np.ndarray, label: int = 0, contrast: tuple[float, float] | None = None,
               sign: int = 0, host: int | None = None, std: tuple[float, float] | None = None) -> int:
@@ -575,12 +580,16 @@ class _Scene:
 
     def paint_parts(self, parts: np.ndarray, labels: dict[int, int], contrast: tuple[float, float],
                     sign: int = 0, std: tuple[float, float] | None = None,
-                    core_contrast: tuple[float, float] | None = None, core_sign: int = 0) -> dict[int, int]:
-        """Paint a family part map: ``labels`` maps part value -> label id. Returns part -> tissue id."""
+                    core_contrast: tuple[float, float] | None = None, core_sign: int = 0,
+                    host: int | None = None) -> dict[int, int]:
+        """Paint a family part map: ``labels`` maps part value -> label id. Returns part -> tissue id.
+
+        The main part's contrast is defined against ``host`` if given, else against its surroundings.
+        """
         tids: dict[int, int] = {}
         main = parts == PART_MAIN
         if main.any():
-            tids[PART_MAIN] = self.paint(main, labels.get(PART_MAIN, 0), contrast, sign, std=std)
+            tids[PART_MAIN] = self.paint(main, labels.get(PART_MAIN, 0), contrast, sign, host=host, std=std)
         for part in (PART_CORE, PART_LUMEN):
             sel = parts == part
             if not sel.any():
@@ -686,7 +695,7 @@ def _head_scene(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[
     folds = smooth_noise(rng, shape, max(1.2, n / 26))
     cortex_inner = 1.0 - csf_t - np.float32(cortex_t) * (1.0 + 0.8 * folds)
     parenchyma = brain & (q < 1.0 - csf_t)
-    scene.paint(parenchyma, 1, std=(0.01, 0.05))  # grey matter
+    scene.named["grey_matter"] = scene.paint(parenchyma, 1, std=(0.01, 0.05))
     white = parenchyma & (q < cortex_inner)
     scene.paint(white, 1, std=(0.01, 0.04))
     # deep nuclei: a mirrored pair of ellipsoids near the centre
@@ -748,6 +757,9 @@ def _sample_means(rng: np.random.Generator, scene: _Scene) -> tuple[np.ndarray, 
     means = rng.uniform(0.0, 1.0, n)
     if rng.random() < 0.85:  # outside the body is usually dark (air), sometimes anything
         means[0] = rng.uniform(0.0, 0.12)
+    if scene.template is not None:  # a fixed protocol: the template's means, +-0.05 per case
+        k = len(scene.template)
+        means[:k] = scene.template + rng.uniform(-0.05, 0.05, k)
     stds = np.empty(n)
     offsets = np.zeros(n)
     for t in range(n):
@@ -915,10 +927,25 @@ FINDINGS: tuple[str, ...] = tuple(_FINDING_SPECS)
 FINDING_FAMILIES: dict[str, str] = {name: spec.family for name, spec in _FINDING_SPECS.items()}
 
 
+#: Acquisition protocols of the ``lesion`` mode: name -> (mean intensity of the head tissues outside,
+#: scalp, skull, CSF, grey matter, white matter, deep nuclei, ventricles; lesion sign), or None for
+#: ``random`` (every tissue's mean drawn in [0, 1] and the lesion sign per case, as the in-context
+#: modes). A real lesion dataset comes from one protocol, so its tissue order and lesion polarity are
+#: fixed: ``flair`` (dark CSF, grey matter above white matter, hyperintense lesions, as MS lesions on
+#: FLAIR), ``t1`` (dark CSF, white matter above grey matter, hypointense lesions, as chronic stroke
+#: lesions on T1w, the ATLAS dataset); the lesion contrast is then measured from grey matter (brighter
+#: than grey matter on FLAIR, darker on T1w). Each case moves every mean by up to +-0.05 and draws its own
+#: bias field, blur, slice thickness, noise and gamma.
+LESION_PROTOCOLS: dict[str, tuple[tuple[float, ...], int] | None] = {
+    "flair": ((0.03, 0.55, 0.08, 0.12, 0.50, 0.38, 0.45, 0.10), +1),
+    "t1": ((0.03, 0.60, 0.10, 0.15, 0.45, 0.65, 0.50, 0.15), -1),
+    "random": None,
+}
+
 _COMMON_OPTIONS = {"oblique": 0.3, "thick_slice": 0.4, "deform": 0.04}
 _MODE_OPTIONS = {
     "multiclass": {"min_structures": 1, "max_structures": 5, "distractors": 3},
-    "lesion": {"min_lesions": 1, "max_lesions": 8},
+    "lesion": {"min_lesions": 1, "max_lesions": 8, "protocol": "flair"},
     "territories": {"channels": 4},
     "findings": {"min_findings": 1, "max_findings": len(FINDINGS)},
 }
@@ -964,6 +991,8 @@ def mode_options(mode: str, **options) -> dict:
             if not lo_min <= lo <= hi <= hi_max or hi < 1:
                 raise InputError(f"options {lo_key}/{hi_key} must satisfy {lo_min} <= {lo_key} <= {hi_key} "
                                  f"<= {hi_max}, got {lo}/{hi}")
+    if "protocol" in merged and merged["protocol"] not in LESION_PROTOCOLS:
+        raise InputError(f"option protocol must be one of {', '.join(LESION_PROTOCOLS)}, got {merged['protocol']!r}")
     if "channels" in merged and not 1 <= int(merged["channels"]) <= 16:
         raise InputError(f"option channels must be in 1..16, got {merged['channels']!r}")
     if "distractors" in merged and not 0 <= int(merged["distractors"]) <= 10:
@@ -1085,6 +1114,11 @@ def _lesion_scene(rng: np.random.Generator, shape, allowed: tuple[str, ...], opt
     free = masks["parenchyma"].copy()
     n_lesions = int(rng.integers(int(opts["min_lesions"]), int(opts["max_lesions"]) + 1))
     case_sign = int(rng.choice([-1, 1])) if rng.random() < 0.8 else 0
+    protocol = LESION_PROTOCOLS[opts.get("protocol", "random")]
+    host = None  # random protocol: contrast against the lesion's surroundings
+    if protocol is not None:  # against grey matter, the parenchyma tissue nearest the lesion's intensity
+        scene.template = np.asarray(protocol[0], dtype=np.float64)
+        case_sign, host = protocol[1], scene.named["grey_matter"]
     low_contrast = rng.random() < 0.25
     used: list[str] = []
     for _ in range(n_lesions):
@@ -1096,7 +1130,7 @@ def _lesion_scene(rng: np.random.Generator, shape, allowed: tuple[str, ...], opt
             continue
         contrast = (0.05, 0.15) if low_contrast else (0.12, 0.45)
         scene.paint_parts(parts, {PART_MAIN: 1, PART_CORE: 1}, contrast=contrast, sign=case_sign,
-                          std=(0.005, 0.04), core_contrast=(0.05, 0.2))
+                          std=(0.005, 0.04), core_contrast=(0.05, 0.2), host=host)
         free &= parts == 0
         used.append(family)
     return scene, {1: "+".join(f for f in FAMILIES if f in used)} if used else {}

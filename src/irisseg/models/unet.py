@@ -196,23 +196,49 @@ class ResidualUNet(nn.Module):
           with the auxiliary logits from finer to coarser (``s_k = output_strides[k]``; with end padding,
           aux voxel ``i`` covers input voxels ``[i * s_k, (i + 1) * s_k)``).
         """
+        return self.outputs(self.decode(self.encode(x)), tuple(x.shape[2:]))
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder features of a batch (padded first, as in :meth:`forward`).
+
+        Arguments:
+          x (torch.Tensor): (B, in_channels, D, H, W) images (``(B, in_channels, H, W)`` in 2D), any size.
+
+        Returns:
+          list[torch.Tensor]: one tensor per level, finest first: level ``i`` is (B, channels[i], ...) at
+          the padded size divided by the product of the first ``i`` strides; the last is the bottleneck.
+        """
         cfg = self.config
         if x.ndim != cfg.spatial_dims + 2 or x.shape[1] != cfg.in_channels:
             axes = "D, H, W" if cfg.spatial_dims == 3 else "H, W"
             raise ValueError(f"expected a (B, {cfg.in_channels}, {axes}) tensor, got shape {tuple(x.shape)}")
-        size = tuple(x.shape[2:])
-        x = self._pad(x)
-        skips = []
-        y = x
+        y = self._pad(x)
+        feats = []
         for stage in self.encoder:
             y = stage(y)
-            skips.append(y)
+            feats.append(y)
+        return feats
+
+    def decode(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Decoder features from encoder features (:meth:`encode`; the bottleneck, ``feats[-1]``, may be
+        replaced by a tensor of the same shape, e.g. after attention).
+
+        Returns:
+          list[torch.Tensor]: one tensor per decoder level, coarsest first; the last is (B, channels[0], ...)
+          at the padded full resolution.
+        """
+        skips = list(feats)
         y = skips.pop()
-        decoded = []  # coarsest first
+        decoded = []
         for up, dec in zip(self.upsample, self.decoder):
             y = dec(torch.cat([up(y), skips.pop()], dim=1))
             decoded.append(y)
-        main = self._crop(self.head(y), size, (1,) * cfg.spatial_dims)
+        return decoded
+
+    def outputs(self, decoded: list[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor | list[torch.Tensor]:
+        """Logits from decoder features (:meth:`decode`), cropped back to the input ``size`` (spatial shape):
+        what :meth:`forward` returns."""
+        main = self._crop(self.head(decoded[-1]), size, (1,) * self.config.spatial_dims)
         if not self.training or self.aux_heads is None:
             return main
         outs = [main]

@@ -8,11 +8,13 @@ they are loaded with ``weights_only=True``. What users share are the exported mo
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
@@ -62,6 +64,47 @@ class ListDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.items[i]
+
+
+class AnnealedModule(L.LightningModule):
+    """Base LightningModule of the supervised trainers (lesion, territories): AdamW, 20 warm-up steps then a
+    cosine to zero over the epochs or the wall-time budget, whichever runs out first, and the best
+    validation score kept in the checkpoint (``best_val``) so a resumed run only exports real improvements.
+
+    Subclasses set ``self.model`` and ``self.cfg``, a config with ``lr``, ``weight_decay``, ``epochs``,
+    ``steps_per_epoch`` and ``max_minutes`` (None: no budget).
+    """
+
+    best_val: float = -math.inf
+
+    def budget_used(self) -> float:
+        """Share of the wall-time budget ``max_minutes`` spent so far (0 without one), from Lightning's Timer,
+        whose elapsed time is kept across a resume."""
+        from lightning.pytorch.callbacks import Timer
+
+        if not self.cfg.max_minutes or self._trainer is None:
+            return 0.0
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        return 0.0 if timer is None else timer.time_elapsed("train") / (60.0 * self.cfg.max_minutes)
+
+    def lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier at optimiser step ``step``: 20 warm-up steps, then a cosine from 1 to 0 over
+        the run's progress, the larger of ``step / (epochs * steps_per_epoch)`` and :meth:`budget_used`
+        (so a run cut by its time budget still ends annealed)."""
+        total = max(1, self.cfg.epochs * self.cfg.steps_per_epoch)
+        progress = min(1.0, max(step / total, self.budget_used()))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) * min(1.0, (step + 1) / 20)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["irisseg_best_val"] = float(self.best_val)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best_val = float(checkpoint.get("irisseg_best_val", -math.inf))
 
 
 def loggers(run_dir: Path) -> list:

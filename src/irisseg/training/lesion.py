@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from irisseg.errors import InputError
 from irisseg.io import Volume, write_csv
 from irisseg.lesion import METRIC_KEYS, body_mask, case_metrics, normalize_channels, sliding_window_logits
-from irisseg.training.engine import ListDataset, YamlConfig, make_trainer, resume_path
+from irisseg.training.engine import AnnealedModule, ListDataset, YamlConfig, make_trainer, resume_path
 
 __all__ = ["LesionTrainConfig", "PreparedCase", "prepare_case", "train_lesion", "read_metrics_csv",
            "LOSS_NAMES", "METRICS_COLUMNS"]
@@ -53,7 +53,8 @@ class LesionTrainConfig(YamlConfig):
       loss: ``dice_bce`` | ``tversky`` | ``focal_dice``; tversky_alpha / tversky_beta: Tversky weights of
         false positives / false negatives; focal_gamma: focal-Dice exponent; batch_dice: overlap terms summed over the whole
         batch (:func:`irisseg.losses.batch_dice`; a lesion-free patch alone gives the soft Dice nothing to learn).
-      lr, weight_decay: AdamW; the learning rate follows a cosine schedule over ``epochs``.
+      lr, weight_decay: AdamW; the learning rate follows a cosine schedule over ``epochs`` or over
+        ``max_minutes``, whichever runs out first (:meth:`LesionLightning.lr_factor`).
       epochs: most epochs; steps_per_epoch: optimiser steps per epoch; patience: epochs without a better
         validation Dice before stopping; max_minutes: wall-time budget of the whole run (None: none).
       val_fraction: share of cases held out for validation (split by ``seed``).
@@ -154,7 +155,7 @@ def make_loss(cfg: LesionTrainConfig):
     return batch_dice(loss) if cfg.batch_dice else loss
 
 
-class LesionLightning(L.LightningModule):
+class LesionLightning(AnnealedModule):
     """LightningModule for patch training and whole-volume validation of a lesion U-Net."""
 
     def __init__(self, model: torch.nn.Module, cfg: LesionTrainConfig, val_cases: list[PreparedCase]):
@@ -210,19 +211,6 @@ class LesionLightning(L.LightningModule):
         for k, v in summary.items():
             if k.startswith("val_") and math.isfinite(v):
                 self.log(k.replace("val_", "val/", 1), v, prog_bar=k == "val_dice", batch_size=1)
-
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        total = max(1, self.cfg.epochs * self.cfg.steps_per_epoch)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))) * min(1.0, (step + 1) / 20))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["irisseg_best_val"] = float(self.best_val)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.best_val = float(checkpoint.get("irisseg_best_val", -math.inf))
 
 
 def _model_extra(cfg: LesionTrainConfig, info: dict) -> dict:
