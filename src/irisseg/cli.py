@@ -841,6 +841,187 @@ def lesion_ablate(
     console.print(f"wrote {out}/ablation_summary.csv and plots")
 
 
+# ---------------------------------------------------------------------------------------------------
+# territories: dual-channel territory segmentation and its 14-configuration experiment matrix
+# ---------------------------------------------------------------------------------------------------
+territories_app = _command_group(
+    "territories", "Dual-channel territory segmentation (two sigmoid channels): 14 architecture x loss "
+                   "configurations, training, the ranked experiment matrix, prediction.")
+
+
+def _territory_settings(settings: Path | None, **overrides):
+    """TerritoryTrainConfig from YAML (or defaults) with the command-line overrides that were given."""
+    from irisseg.training.territories import TerritoryTrainConfig
+
+    cfg = TerritoryTrainConfig.from_yaml(settings) if settings else TerritoryTrainConfig()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return TerritoryTrainConfig(**{**cfg.to_dict(), **given}) if given else cfg
+
+
+def _parse_folds(folds: str) -> list[int]:
+    """``"0,1, 2"`` -> ``[0, 1, 2]``; InputError for anything that is not a list of non-negative integers."""
+    parts = [p.strip() for p in folds.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise InputError(f"--folds: expected comma-separated fold numbers such as 0 or 0,1,2, got {folds!r}")
+    return list(dict.fromkeys(int(p) for p in parts))
+
+
+@territories_app.command("list")
+def territories_list() -> None:
+    """List the 14 configurations of the territory experiment matrix: name, architecture, losses.
+
+    Every configuration trains the same U-Net backbone with a base loss (per-channel BCE + Dice); the
+    add-on losses are weighted 0.1 (the adaptive spatial weight grows 0.05 -> 0.15 over training).
+    """
+    from irisseg.territories import EXPERIMENTS
+
+    table = Table(title="irisseg territories: the 14 configurations", title_justify="left")
+    table.add_column("name", no_wrap=True, min_width=max(map(len, EXPERIMENTS)))  # names stay whole, copyable
+    table.add_column("architecture", no_wrap=True)
+    table.add_column("losses", overflow="fold")
+    for name, exp in EXPERIMENTS.items():
+        table.add_row(name, exp.architecture, exp.description.split("; ", 1)[1])
+    Console(width=max(console.width, 125)).print(table)  # wide enough for the longest name
+
+
+@territories_app.command("train")
+def territories_train(
+    config: Annotated[str, typer.Option("--config", help="Configuration NAME (see 'irisseg territories list'), e.g. SharedDecoder_SpatialLoss.")],
+    data: Annotated[Path, typer.Option("--data", help="nnU-Net-style dataset: imagesTr/<case>_0000 ... _0003.nii.gz, labelsTr/<case>.nii.gz, dataset.json.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: best/, last/, metrics.csv, validation.csv, splits.json, done.json, logs/, checkpoints/.")],
+    fold: Annotated[int, typer.Option("--fold", min=0, help="Fold to train (0 .. n_folds-1 of a k-fold split over case ids).")] = 0,
+    settings: Annotated[Path | None, typer.Option("--settings", help="YAML training settings (see TerritoryTrainConfig; e.g. configs/territories_matrix_cpu.yaml).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Most epochs (overrides the settings; early stopping may end sooner).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.ckpt.")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto (bf16 autocast on cuda).")] = "auto",
+) -> None:
+    """Train one territory configuration on one fold and validate it on that fold's cases.
+
+    Images: C channels per case (_0000, _0001, ... e.g. 4 perfusion maps), 3D volumes (D, H, W) of any
+    size and spacing, each channel normalised on its own (clip 0.5-99.5 pct, z-score over the body).
+    Labels: a label map in the image's geometry with labels 1 and 2 (3 = both, if present), two other
+    label ids (smaller = territory 1), or two regions in dataset.json. The model predicts two sigmoid
+    channels; spatial_dims 2 (default) trains on slices along array axis 0, 3 on cubic patches. Each
+    epoch ends with whole-volume validation: Dice of each channel at probability 0.5.
+    """
+    from irisseg.territories import get_experiment
+    from irisseg.training.territories import train_territories
+
+    get_experiment(config)
+    _check_dataset_dir(data)
+    cfg = _territory_settings(settings, epochs=epochs)
+    run = train_territories(config, cfg, data, fold, out, resume=resume, device=device)
+    done = json.loads((run / "done.json").read_text()) if (run / "done.json").is_file() else None
+    if done:
+        console.print(f"{done['config']} fold {done['fold']}: best epoch {done['best_epoch']}, mean Dice "
+                      f"{done['val_mean_dice']:.4f} (territory 1 {done['val_dice_1']:.4f}, territory 2 "
+                      f"{done['val_dice_2']:.4f}), {done['minutes']:.1f} min")
+    console.print(f"run folder: {run} (model in {run / 'best'}, per-case Dice in {run / 'validation.csv'})")
+
+
+@territories_app.command("matrix")
+def territories_matrix(
+    data: Annotated[Path, typer.Option("--data", help="nnU-Net-style dataset with multi-channel images and two territory labels.")],
+    out: Annotated[Path, typer.Option("--out", help="Matrix folder: <config>/fold_<f>/ runs, ranking.csv, ranking.md, ranking.png, validation_cases.csv.")],
+    folds: Annotated[str, typer.Option("--folds", help="Comma-separated folds, e.g. 0 or 0,1,2,3,4.")] = "0",
+    configs: Annotated[str | None, typer.Option("--configs", help="Comma-separated configuration names (default: all 14).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Most epochs per run (overrides the settings).")] = None,
+    settings: Annotated[Path | None, typer.Option("--settings", help="YAML settings shared by every run (see TerritoryTrainConfig).")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "auto",
+) -> None:
+    """Train and evaluate every configuration on every fold, then rank them in one report.
+
+    Inputs as for 'irisseg territories train'. Finished runs (OUT/<config>/fold_<f>/done.json) are skipped,
+    interrupted ones resume. The ranking is computed from the per-case validation Dice of each run's best
+    model: OUT/ranking.csv and ranking.md (mean Dice, Dice per territory, asymmetry |dice_1 - dice_2|,
+    rank; per fold and mean over folds; paired Wilcoxon tests over cases between the top configurations)
+    and ranking.png (bar chart).
+    """
+    import csv
+
+    from irisseg.territories import resolve_experiments
+    from irisseg.training.territories import run_matrix
+
+    chosen = resolve_experiments(configs)
+    fold_list = _parse_folds(folds)
+    _check_dataset_dir(data)
+    cfg = _territory_settings(settings)
+    paths = run_matrix(data, fold_list, chosen, cfg, out, epochs=epochs, device=device)
+    with paths["csv"].open(newline="") as f:
+        ranking = list(csv.DictReader(f))
+    table = Table(title=f"irisseg territories matrix: {len(ranking)} configuration(s), fold(s) "
+                        f"{', '.join(map(str, fold_list))}", title_justify="left")
+    for column in ("rank", "config", "mean Dice", "Dice 1", "Dice 2", "asymmetry", "cases"):
+        table.add_column(column, justify="left" if column == "config" else "right", no_wrap=column == "config")
+    for r in ranking:
+        table.add_row(r["rank"], r["config"], *(_fmt(float(r[k])) for k in ("mean_dice", "dice_1", "dice_2", "asymmetry")),
+                      r["n_cases"])
+    Console(width=max(console.width, 125)).print(table)  # wide enough for the longest name
+    console.print(f"wrote {paths['csv']}, {paths['markdown']}, {paths['png']}")
+
+
+@territories_app.command("predict")
+def territories_predict(
+    model: Annotated[Path, typer.Option("--model", help="Territory run folder (uses best/) or model folder.")],
+    input: Annotated[Path, typer.Option("--input", help="Image channel file (<case>_0000.nii.gz; siblings found) or folder of cases.")],
+    out: Annotated[Path, typer.Option("--out", help="Output file (one case) or folder (<case>.nii.gz per case).")],
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 probability maps <case>_prob_1 / _prob_2.")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto (bf16 autocast on cuda).")] = "cpu",
+) -> None:
+    """Segment two territories in whole volumes.
+
+    Multi-channel cases are found by nnU-Net naming (<case>_0000, <case>_0001, ... in the same folder;
+    as many channels as the model was trained with, same geometry). Each output is a uint8 label map
+    (0 background, 1 territory 1, 2 territory 2; where both probabilities exceed 0.5 the larger wins) in
+    exactly its input's geometry (shape, spacing, origin, direction). Outputs are written only once every
+    case has been predicted; bad input writes nothing.
+    """
+    import shutil
+
+    from irisseg.data.datasets import image_cases
+    from irisseg.io import read_volume, volume_suffix, write_volume
+    from irisseg.training.territories import TerritoryPredictor
+
+    predictor = TerritoryPredictor(model, device=device)
+    cases = image_cases(input, predictor.in_channels)
+    if volume_suffix(out):
+        if len(cases) > 1:
+            raise InputError(f"--out {out}: {len(cases)} cases need an output folder, not a file name")
+        targets = [out]
+    else:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out}: exists and is not a folder")
+        targets = [out / f"{case_id}.nii.gz" for case_id, _ in cases]
+    inputs = {p.absolute() for _, paths in cases for p in paths}
+    for t in targets:
+        if t.absolute() in inputs:
+            raise InputError(f"--out {t}: would overwrite an input file")
+    staging = _staging_dir(targets[0].parent)
+    files, rows = [], []
+    try:
+        for (case_id, paths), target in zip(cases, targets, strict=True):
+            channels = [read_volume(p) for p in paths]
+            prob = predictor.predict_probabilities(channels, names=[str(p) for p in paths])
+            labels = predictor.to_labels(prob, channels[0])
+            files.append((write_volume(labels, staging / str(len(files)) / target.name), target))
+            if probabilities:
+                for k, path in enumerate(_probability_paths(target, [1, 2])):
+                    files.append((write_volume(channels[0].with_array(prob[k]), staging / str(len(files)) / path.name),
+                                  path))
+            ml = [float((labels.array == v).sum()) * labels.voxel_volume_ml for v in (1, 2)]
+            rows.append((case_id, str(target), predictor.seconds, ml))
+        _commit_staged(files)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    table = Table(title="irisseg territories predict", title_justify="left")
+    for column, justify in (("case", "left"), ("output", "left"), ("seconds", "right"), ("territory 1 ml", "right"),
+                            ("territory 2 ml", "right")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for case_id, target, seconds, ml in rows:
+        table.add_row(case_id, target, f"{seconds:.2f}", f"{ml[0]:.3f}", f"{ml[1]:.3f}")
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 on success, 2 for bad input or bad usage, 130 if interrupted.
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -40,6 +42,12 @@ __all__ = [
     "get_loss",
     "batch_dice",
     "LOSSES",
+    "territory_base_loss",
+    "spatial_consistency_loss",
+    "complementary_loss",
+    "multiscale_spatial_loss",
+    "adaptive_spatial_weight",
+    "TerritoryLoss",
 ]
 
 Reduction = Literal["mean", "sum", "none"]
@@ -364,3 +372,270 @@ def get_loss(name: str, **kwargs) -> Callable[[torch.Tensor, torch.Tensor], torc
         options = ", ".join(k for k in params if k not in ("logits", "target"))
         raise InputError(f"loss {key!r} takes no option(s) {', '.join(bad)} (options: {options})")
     return functools.partial(fn, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# two-channel territory losses
+# ---------------------------------------------------------------------------------------------------------
+#
+# Two territories predicted as two independent sigmoid channels: channel 0 = territory 1, channel 1 =
+# territory 2, logits and targets (B, 2, H, W) or (B, 2, D, H, W), targets in {0, 1}. The territories may
+# touch or overlap; the auxiliary terms below only look at how the two channels relate to each other and
+# to the two targets. Below ``p1, p2`` are the sigmoid probabilities of the two channels, ``t1, t2`` the
+# two targets, and ``mean`` is taken over every voxel of every batch item.
+
+
+def _check_territory(pred: torch.Tensor, target: torch.Tensor, what: str = "logits") -> None:
+    """Both tensors (B, 2, H, W) or (B, 2, D, H, W) and of the same shape, else ValueError."""
+    if pred.shape != target.shape:
+        raise ValueError(f"{what} {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if pred.ndim not in (4, 5) or pred.shape[1] != 2:
+        raise ValueError(f"territory losses need (B, 2, H, W) or (B, 2, D, H, W) tensors, "
+                         f"got shape {tuple(pred.shape)}")
+
+
+def _channels(prob: torch.Tensor, target: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``p1, p2, t1, t2`` as float32 (B, *spatial) tensors after the shape check."""
+    _check_territory(prob, target, "prob")
+    p, t = prob.float(), target.float()
+    return p[:, 0], p[:, 1], t[:, 0], t[:, 1]
+
+
+def territory_base_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-channel BCE plus soft Dice: the base loss of every territory configuration.
+
+    With ``bce_c`` the binary cross-entropy of channel ``c`` averaged over the batch items and voxels, and
+    ``dice_c`` the soft Dice loss of channel ``c`` (:func:`soft_dice_loss`, per batch item, then averaged
+    over the batch)::
+
+        base = 0.5 * bce_0 + 0.5 * bce_1 + (dice_0 + dice_1) / 2
+
+    The Dice part is MONAI's ``DiceLoss(sigmoid=True)`` (smooth_nr = smooth_dr = 1e-5, batch=False,
+    mean reduction); each BCE is ``torch.nn.BCEWithLogitsLoss()`` on that channel.
+
+    Arguments:
+      logits (torch.Tensor): (B, 2, H, W) or (B, 2, D, H, W) raw scores, any float dtype.
+      target (torch.Tensor): same shape, values in {0, 1}.
+
+    Returns:
+      torch.Tensor: float32 scalar.
+
+    Raises:
+      ValueError: shapes differ, or are not (B, 2, *spatial) with 2 or 3 spatial dimensions.
+    """
+    _check_territory(logits, target)
+    x, g = logits.float(), target.float()
+    bce = F.binary_cross_entropy_with_logits(x, g, reduction="none").flatten(2).mean(-1).mean(0)  # (2,)
+    dice = soft_dice_loss(x, g, reduction="mean")
+    return 0.5 * bce[0] + 0.5 * bce[1] + dice
+
+
+def spatial_consistency_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Penalise overlap, missing coverage and channel swaps between the two territory channels.
+
+    With ``[.]`` the indicator (1 where true, else 0) and every mean over all voxels and batch items::
+
+        overlap     = mean(p1 * p2 * [t1 + t2 <= 1])
+        coverage    = mean((clamp(p1 + p2, 0, 1) - clamp(t1 + t2, 0, 1)) ** 2)
+        exclusivity = mean(p1 * t2 * (1 - t1) + p2 * t1 * (1 - t2))
+        loss        = overlap + coverage + exclusivity
+
+    ``overlap`` is predicted overlap where the targets do not overlap, ``coverage`` the squared error of the
+    predicted union against the target union, ``exclusivity`` a channel predicted where only the other
+    territory is. Binary probabilities equal to the targets give exactly 0.
+
+    Arguments:
+      prob (torch.Tensor): (B, 2, H, W) or (B, 2, D, H, W) sigmoid probabilities in [0, 1].
+      target (torch.Tensor): same shape, values in {0, 1}.
+
+    Returns:
+      torch.Tensor: float32 scalar, >= 0 (at most 3).
+
+    Raises:
+      ValueError: shapes differ, or are not (B, 2, *spatial) with 2 or 3 spatial dimensions.
+    """
+    p1, p2, t1, t2 = _channels(prob, target)
+    overlap = (p1 * p2 * (t1 + t2 <= 1).float()).mean()
+    coverage = ((torch.clamp(p1 + p2, 0.0, 1.0) - torch.clamp(t1 + t2, 0.0, 1.0)) ** 2).mean()
+    exclusivity = (p1 * t2 * (1.0 - t1) + p2 * t1 * (1.0 - t2)).mean()
+    return overlap + coverage + exclusivity
+
+
+def complementary_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Exclusivity outside both territories plus agreement of the predicted union's volume fraction.
+
+    With ``mean`` over all voxels and batch items, ``mean_v`` over the voxels of one batch item ``b`` and
+    ``B`` batch items::
+
+        exclusivity = mean(p1 * p2 * (1 - t1) * (1 - t2))
+        coverage    = (1 / B) * sum_b (mean_v max(p1, p2) - mean_v max(t1, t2)) ** 2
+        loss        = exclusivity + coverage
+
+    ``exclusivity`` is both channels on where neither target is; ``coverage`` compares the fraction of each
+    volume covered by the predicted union with the target's. Binary probabilities equal to the targets give
+    exactly 0.
+
+    Arguments:
+      prob (torch.Tensor): (B, 2, H, W) or (B, 2, D, H, W) sigmoid probabilities in [0, 1].
+      target (torch.Tensor): same shape, values in {0, 1}.
+
+    Returns:
+      torch.Tensor: float32 scalar, >= 0 (at most 2).
+
+    Raises:
+      ValueError: shapes differ, or are not (B, 2, *spatial) with 2 or 3 spatial dimensions.
+    """
+    p1, p2, t1, t2 = _channels(prob, target)
+    exclusivity = (p1 * p2 * (1.0 - t1) * (1.0 - t2)).mean()
+    frac_pred = torch.maximum(p1, p2).flatten(1).mean(-1)  # (B,)
+    frac_true = torch.maximum(t1, t2).flatten(1).mean(-1)
+    coverage = ((frac_pred - frac_true) ** 2).mean()
+    return exclusivity + coverage
+
+
+def _scaled_size(shape: Sequence[int], scale: float) -> tuple[int, ...]:
+    """``floor(n * scale)`` per spatial size, at least 1 (a tiny epsilon absorbs float error)."""
+    return tuple(max(1, int(math.floor(int(n) * scale + 1e-9))) for n in shape)
+
+
+def multiscale_spatial_loss(prob: torch.Tensor, target: torch.Tensor,
+                            scales: Sequence[float] = (1.0, 0.5, 0.25)) -> torch.Tensor:
+    """:func:`spatial_consistency_loss` averaged over several resolutions.
+
+    For each scale ``s`` the spatial size ``n`` of every axis becomes ``max(1, floor(n * s))``;
+    probabilities are resized with ``F.interpolate`` (bilinear in 2D, trilinear in 3D,
+    ``align_corners=False``), targets with ``mode="nearest"``, and a scale that keeps the size (1.0) uses
+    the tensors as they are::
+
+        loss = (1 / S) * sum_{s in scales} spatial_consistency_loss(resize(prob, s), nearest(target, s))
+
+    Binary probabilities equal to the targets give exactly 0 at scale 1; at a coarser scale the
+    interpolated probabilities and the nearest-neighbour targets differ near territory borders, so the
+    loss of a perfect prediction is small but not 0 (it is 0 when the targets are constant on aligned
+    blocks of ``1 / s`` voxels).
+
+    Arguments:
+      prob (torch.Tensor): (B, 2, H, W) or (B, 2, D, H, W) sigmoid probabilities in [0, 1].
+      target (torch.Tensor): same shape, values in {0, 1}.
+      scales (Sequence[float]): positive resize factors (default 1, 1/2, 1/4).
+
+    Returns:
+      torch.Tensor: float32 scalar.
+
+    Raises:
+      ValueError: bad shapes, no scales, or a scale that is not positive.
+    """
+    _check_territory(prob, target, "prob")
+    scales = [float(s) for s in scales]
+    if not scales:
+        raise ValueError("multiscale_spatial_loss needs at least one scale")
+    if any(not (s > 0 and math.isfinite(s)) for s in scales):
+        raise ValueError(f"scales must be positive, got {scales}")
+    p, t = prob.float(), target.float()
+    mode = "bilinear" if p.ndim == 4 else "trilinear"
+    total = torch.zeros((), dtype=torch.float32, device=p.device)
+    for s in scales:
+        size = _scaled_size(p.shape[2:], s)
+        if size == tuple(p.shape[2:]):
+            ps, ts = p, t
+        else:
+            ps = F.interpolate(p, size=size, mode=mode, align_corners=False).float()
+            ts = F.interpolate(t, size=size, mode="nearest").float()
+        total = total + spatial_consistency_loss(ps, ts)
+    return total / len(scales)
+
+
+def adaptive_spatial_weight(progress: float, start: float = 0.05, end: float = 0.15) -> float:
+    """Weight of the spatial term growing linearly over training.
+
+    ``weight = start + (end - start) * clamp(progress, 0, 1)``: 0.05 at the start (progress 0), 0.10
+    half-way, 0.15 at the end (progress 1) with the defaults.
+
+    Arguments:
+      progress (float): fraction of training done, e.g. ``epoch / max_epochs`` (clamped to [0, 1]).
+      start, end (float): the weights at progress 0 and 1.
+
+    Returns:
+      float: the weight.
+    """
+    progress = float(progress)
+    if math.isnan(progress):
+        raise ValueError("progress is NaN")
+    progress = min(1.0, max(0.0, progress))
+    return float(start) + (float(end) - float(start)) * progress
+
+
+@dataclass(frozen=True)
+class TerritoryLoss:
+    """The loss of one territory configuration: base + weighted spatial and complementary terms.
+
+    With ``p = sigmoid(logits)`` (float32)::
+
+        total = territory_base_loss(logits, target)
+                + w_s    * S(p, target)                       if spatial
+                + weight * complementary_loss(p, target)      if complementary
+
+    where ``S`` is :func:`multiscale_spatial_loss` when ``multiscale`` else
+    :func:`spatial_consistency_loss`, and ``w_s = adaptive_spatial_weight(progress)`` when ``adaptive``
+    else ``weight``. ``multiscale`` and ``adaptive`` imply ``spatial`` (set to True when either is).
+
+    Fields:
+      spatial, complementary, multiscale, adaptive (bool): which terms are on (all off: base loss only).
+      weight (float): weight of the complementary term, and of the spatial term unless ``adaptive``.
+
+    Call: ``loss(logits (B, 2, *spatial), target (B, 2, *spatial), progress=0.0) -> float32 scalar``,
+    the same as ``loss.components(...)["total"]``; ``progress`` (training fraction in [0, 1]) only matters
+    with ``adaptive``. Computed in float32 whatever the input dtype (bf16 autocast included).
+    """
+
+    spatial: bool = False
+    complementary: bool = False
+    multiscale: bool = False
+    adaptive: bool = False
+    weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(float(self.weight)) and float(self.weight) >= 0):
+            raise ValueError(f"weight must be a finite non-negative number, got {self.weight}")
+        if self.multiscale or self.adaptive:
+            object.__setattr__(self, "spatial", True)
+
+    def spatial_weight(self, progress: float = 0.0) -> float:
+        """Weight of the spatial term at ``progress`` (0 when the term is off). Returns a float."""
+        if not self.spatial:
+            return 0.0
+        return adaptive_spatial_weight(progress) if self.adaptive else float(self.weight)
+
+    def components(self, logits: torch.Tensor, target: torch.Tensor, progress: float = 0.0
+                   ) -> dict[str, torch.Tensor]:
+        """Every term of the loss, for logging.
+
+        Arguments:
+          logits (torch.Tensor): (B, 2, H, W) or (B, 2, D, H, W) raw scores, any float dtype.
+          target (torch.Tensor): same shape, values in {0, 1}.
+          progress (float): training fraction in [0, 1] (used with ``adaptive``).
+
+        Returns:
+          dict[str, torch.Tensor]: float32 scalars ``base``, ``spatial`` and ``complementary`` (the
+          unweighted terms; 0 for a term that is off) and ``total`` (the weighted sum, see the class).
+
+        Raises:
+          ValueError: shapes differ, or are not (B, 2, *spatial) with 2 or 3 spatial dimensions.
+        """
+        _check_territory(logits, target)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            x, g = logits.float(), target.float()
+            base = territory_base_loss(x, g)
+            zero = torch.zeros((), dtype=torch.float32, device=x.device)
+            prob = torch.sigmoid(x) if (self.spatial or self.complementary) else None
+            spatial = zero
+            if self.spatial:
+                spatial = multiscale_spatial_loss(prob, g) if self.multiscale else spatial_consistency_loss(prob, g)
+            comp = complementary_loss(prob, g) if self.complementary else zero
+            total = base + self.spatial_weight(progress) * spatial + float(self.weight) * comp
+        return {"base": base, "spatial": spatial, "complementary": comp, "total": total}
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
+        """The total loss, a float32 scalar; see the class docstring for the shapes and formula."""
+        return self.components(logits, target, progress)["total"]
