@@ -154,20 +154,9 @@ def resolve_lesion_model_dir(path: str | Path) -> Path:
     Raises:
       InputError: neither holds a lesion model (``config.json`` with a ``lesion`` section).
     """
-    path = Path(path)
-    for folder in (path, path / "best"):
-        cfg = folder / "config.json"
-        if cfg.is_file():
-            try:
-                data = json.loads(cfg.read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"{cfg}: unreadable model config ({exc})") from None
-            if "lesion" not in data.get("extra", {}):
-                raise InputError(f"{folder}: not a lesion model (train one with 'irisseg lesion train')")
-            return folder
-    if not path.exists():
-        raise InputError(f"{path}: no such model folder")
-    raise InputError(f"{path}: no lesion model here (expected config.json, or a run folder with best/)")
+    from irisseg.models.folder import resolve_run_model
+
+    return resolve_run_model(path, "lesion", "lesion", "irisseg lesion train")
 
 
 class LesionPredictor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from irisseg.errors import InputError
 
-__all__ = ["save_model_folder", "read_model_config", "load_model_weights"]
+__all__ = ["save_model_folder", "read_model_config", "load_model_weights", "resolve_run_model"]
 
 
 def save_model_folder(model: nn.Module, config: dict, folder: str | Path, extra: dict | None = None) -> Path:
@@ -75,3 +75,31 @@ def load_model_weights(model: nn.Module, folder: str | Path, map_location: str |
     except Exception as exc:  # safetensors errors, missing or mis-shaped tensors
         raise InputError(f"{weights}: cannot load weights ({' '.join(str(exc).split())[:200]})") from None
     return model.to(map_location)
+
+
+def resolve_run_model(path: str | Path, section: str, kind: str, train_command: str) -> Path:
+    """The model folder of a trained pipeline: ``path`` itself when it holds ``config.json``, else ``path/best``.
+
+    Arguments:
+      path (str | Path): a model folder or a run folder (whose ``best/`` is used).
+      section (str): the key the pipeline writes under ``extra`` in ``config.json`` (``lesion``, ``territories``).
+      kind (str): how to name the model in messages (``lesion``, ``territory``).
+      train_command (str): the command that trains one, for the message when the folder holds another kind.
+
+    Raises:
+      InputError: no such folder, no model in it, an unreadable config, or a model of another kind.
+    """
+    path = Path(path)
+    for folder in (path, path / "best"):
+        cfg = folder / "config.json"
+        if cfg.is_file():
+            try:
+                data = json.loads(cfg.read_text())
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{cfg}: unreadable model config ({exc})") from None
+            if section not in data.get("extra", {}):
+                raise InputError(f"{folder}: not a {kind} model (train one with '{train_command}')")
+            return folder
+    if not path.exists():
+        raise InputError(f"{path}: no such model folder")
+    raise InputError(f"{path}: no {kind} model here (expected config.json, or a run folder with best/)")

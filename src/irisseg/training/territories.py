@@ -629,20 +629,9 @@ def resolve_territory_model_dir(path: str | Path) -> Path:
     Raises:
       InputError: neither holds a territory model (``config.json`` with a ``territories`` section).
     """
-    path = Path(path)
-    for folder in (path, path / "best"):
-        cfg = folder / "config.json"
-        if cfg.is_file():
-            try:
-                data = json.loads(cfg.read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"{cfg}: unreadable model config ({exc})") from None
-            if "territories" not in data.get("extra", {}):
-                raise InputError(f"{folder}: not a territory model (train one with 'irisseg territories train')")
-            return folder
-    if not path.exists():
-        raise InputError(f"{path}: no such model folder")
-    raise InputError(f"{path}: no territory model here (expected config.json, or a run folder with best/)")
+    from irisseg.models.folder import resolve_run_model
+
+    return resolve_run_model(path, "territories", "territory", "irisseg territories train")
 
 
 class TerritoryPredictor:
