@@ -705,6 +705,34 @@ def _print_lesion_history(run: Path) -> None:
     console.print(f"run folder: {run} (models in {run / 'best'} and {run / 'last'}, metrics in {run / 'metrics.csv'})")
 
 
+def _case_targets(input: Path, n_channels: int, out: Path) -> tuple[list[tuple[str, list[Path]]], list[Path]]:
+    """The cases of ``--input`` (a channel file or a folder, nnU-Net naming) and the output file of each.
+
+    ``out`` is a file name (``.nii.gz``, ...) for one case, else a folder receiving ``<case>.nii.gz``.
+
+    Raises:
+      InputError: several cases for one output file, ``out`` is a file where a folder is needed, or an
+        output would overwrite an input.
+    """
+    from irisseg.data.datasets import image_cases
+    from irisseg.io import volume_suffix
+
+    cases = image_cases(input, n_channels)
+    if volume_suffix(out):
+        if len(cases) > 1:
+            raise InputError(f"--out {out}: {len(cases)} cases need an output folder, not a file name")
+        targets = [out]
+    else:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out}: exists and is not a folder")
+        targets = [out / f"{case_id}.nii.gz" for case_id, _ in cases]
+    inputs = {p.absolute() for _, paths in cases for p in paths}
+    for t in targets:
+        if t.absolute() in inputs:
+            raise InputError(f"--out {t}: would overwrite an input file")
+    return cases, targets
+
+
 @lesion_app.command("predict")
 def lesion_predict(
     model: Annotated[Path, typer.Option("--model", help="Lesion run folder (uses best/) or model folder.")],
@@ -723,24 +751,11 @@ def lesion_predict(
     """
     import shutil
 
-    from irisseg.data.datasets import image_cases
     from irisseg.io import read_volume, volume_suffix, write_volume
     from irisseg.lesion import LesionPredictor
 
     predictor = LesionPredictor(model, device=device, threshold=threshold, tta=tta)
-    cases = image_cases(input, predictor.in_channels)
-    if volume_suffix(out):
-        if len(cases) > 1:
-            raise InputError(f"--out {out}: {len(cases)} cases need an output folder, not a file name")
-        targets = [out]
-    else:
-        if out.exists() and not out.is_dir():
-            raise InputError(f"--out {out}: exists and is not a folder")
-        targets = [out / f"{case_id}.nii.gz" for case_id, _ in cases]
-    inputs = {p.absolute() for _, paths in cases for p in paths}
-    for t in targets:
-        if t.absolute() in inputs:
-            raise InputError(f"--out {t}: would overwrite an input file")
+    cases, targets = _case_targets(input, predictor.in_channels, out)
     staging = _staging_dir(targets[0].parent)
     files, rows = [], []
     try:
@@ -978,24 +993,11 @@ def territories_predict(
     """
     import shutil
 
-    from irisseg.data.datasets import image_cases
-    from irisseg.io import read_volume, volume_suffix, write_volume
+    from irisseg.io import read_volume, write_volume
     from irisseg.training.territories import TerritoryPredictor
 
     predictor = TerritoryPredictor(model, device=device)
-    cases = image_cases(input, predictor.in_channels)
-    if volume_suffix(out):
-        if len(cases) > 1:
-            raise InputError(f"--out {out}: {len(cases)} cases need an output folder, not a file name")
-        targets = [out]
-    else:
-        if out.exists() and not out.is_dir():
-            raise InputError(f"--out {out}: exists and is not a folder")
-        targets = [out / f"{case_id}.nii.gz" for case_id, _ in cases]
-    inputs = {p.absolute() for _, paths in cases for p in paths}
-    for t in targets:
-        if t.absolute() in inputs:
-            raise InputError(f"--out {t}: would overwrite an input file")
+    cases, targets = _case_targets(input, predictor.in_channels, out)
     staging = _staging_dir(targets[0].parent)
     files, rows = [], []
     try:
