@@ -8,8 +8,11 @@ they are loaded with ``weights_only=True``. What users share are the exported mo
 
 from __future__ import annotations
 
+import csv
 import math
+import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -105,6 +108,69 @@ class AnnealedModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.best_val = float(checkpoint.get("irisseg_best_val", -math.inf))
+
+
+def read_metrics_csv(path: str | Path) -> list[dict]:
+    """Rows of a ``RUN/metrics.csv`` (numbers as floats, ``epoch`` / ``step`` as ints); [] if there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: (int(v) if k in ("epoch", "step") else float(v)) for k, v in r.items() if v != ""} for r in rows]
+
+
+class RunRecorder(Callback):
+    """After each validation: append a row to ``RUN/metrics.csv``, export ``RUN/last`` and, when the monitored
+    validation score improves, ``RUN/best`` (then ``on_best(module)``). On (re)start, rows of epochs not yet
+    reached are dropped (a resumed run repeats them) and the wall-clock column continues.
+
+    Arguments:
+      run_dir (Path): the run folder.
+      columns (Sequence[str]): metrics.csv columns (``epoch``, ``step``, the module's ``epoch_summary`` keys,
+        ``seconds``).
+      monitor (str): the ``epoch_summary`` key whose increase means a better model (``best_val`` tracks it).
+      model_extra (Callable[[dict], dict]): ``extra`` of the exported model folders, from
+        ``{"epoch": int, "val": {val_* scores}}``.
+      on_best (Callable | None): called with the module after ``RUN/best`` is written.
+    """
+
+    def __init__(self, run_dir: Path, columns: Sequence[str], monitor: str, model_extra: Callable[[dict], dict],
+                 on_best: Callable[[L.LightningModule], None] | None = None):
+        self.run_dir, self.columns, self.monitor = Path(run_dir), tuple(columns), monitor
+        self.model_extra, self.on_best = model_extra, on_best
+        self._t0 = time.time()
+        self._elapsed = 0.0
+
+    @property
+    def csv_path(self) -> Path:
+        return self.run_dir / "metrics.csv"
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from irisseg.io import write_csv
+
+        rows = [r for r in read_metrics_csv(self.csv_path) if r["epoch"] < trainer.current_epoch]
+        self._elapsed = rows[-1]["seconds"] if rows else 0.0
+        self._t0 = time.time()
+        write_csv(self.csv_path, rows, self.columns)
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from irisseg.io import write_csv
+
+        s = module.epoch_summary
+        if trainer.sanity_checking or s is None:
+            return
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, **s,
+               "seconds": self._elapsed + time.time() - self._t0}
+        rows = [r for r in read_metrics_csv(self.csv_path) if r["epoch"] < trainer.current_epoch]
+        write_csv(self.csv_path, [*rows, row], self.columns)
+        extra = self.model_extra({"epoch": trainer.current_epoch, "val": {k: s[k] for k in s if k.startswith("val_")}})
+        module.model.save(self.run_dir / "last", extra=extra)
+        if s[self.monitor] > module.best_val:
+            module.best_val = s[self.monitor]
+            module.model.save(self.run_dir / "best", extra=extra)
+            if self.on_best is not None:
+                self.on_best(module)
 
 
 def loggers(run_dir: Path) -> list:

@@ -14,10 +14,8 @@ All cases are read once and kept in memory as float32 (a 64^3 single-channel cas
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +27,15 @@ from torch.utils.data import DataLoader
 from irisseg.errors import InputError
 from irisseg.io import Volume, write_csv
 from irisseg.lesion import METRIC_KEYS, body_mask, case_metrics, normalize_channels, sliding_window_logits
-from irisseg.training.engine import AnnealedModule, ListDataset, YamlConfig, make_trainer, resume_path
+from irisseg.training.engine import (
+    AnnealedModule,
+    ListDataset,
+    RunRecorder,
+    YamlConfig,
+    make_trainer,
+    read_metrics_csv,
+    resume_path,
+)
 
 __all__ = ["LesionTrainConfig", "PreparedCase", "prepare_case", "train_lesion", "read_metrics_csv",
            "LOSS_NAMES", "METRICS_COLUMNS"]
@@ -220,58 +226,6 @@ def _model_extra(cfg: LesionTrainConfig, info: dict) -> dict:
             "train": cfg.to_dict()}
 
 
-def read_metrics_csv(path: str | Path) -> list[dict]:
-    """Rows of a ``RUN/metrics.csv`` (numbers as floats, ``epoch`` / ``step`` as ints); [] if there is none."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = []
-    for r in rows:
-        out.append({k: (int(v) if k in ("epoch", "step") else float(v)) for k, v in r.items() if v != ""})
-    return out
-
-
-class LesionRunRecorder(L.Callback):
-    """After each validation: append a row to ``RUN/metrics.csv``, export ``RUN/last`` and, when validation
-    Dice improves, ``RUN/best``. On (re)start, rows of epochs not yet reached are dropped (a resumed run
-    repeats them)."""
-
-    def __init__(self, run_dir: Path, cfg: LesionTrainConfig, info: dict):
-        self.run_dir, self.cfg, self.info = Path(run_dir), cfg, info
-        self._t0 = time.time()
-        self._elapsed = 0.0
-
-    @property
-    def csv_path(self) -> Path:
-        return self.run_dir / "metrics.csv"
-
-    def on_train_start(self, trainer: L.Trainer, module: LesionLightning) -> None:
-        rows = [r for r in read_metrics_csv(self.csv_path) if r["epoch"] < trainer.current_epoch]
-        self._elapsed = rows[-1]["seconds"] if rows else 0.0
-        self._t0 = time.time()
-        self._write(rows)
-
-    def _write(self, rows: list[dict]) -> None:
-        write_csv(self.csv_path, rows, METRICS_COLUMNS)
-
-    def on_validation_end(self, trainer: L.Trainer, module: LesionLightning) -> None:
-        s = module.epoch_summary
-        if trainer.sanity_checking or s is None:
-            return
-        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, **s,
-               "seconds": self._elapsed + time.time() - self._t0}
-        rows = [r for r in read_metrics_csv(self.csv_path) if r["epoch"] < trainer.current_epoch]
-        self._write([*rows, row])
-        extra = _model_extra(self.cfg, {**self.info, "epoch": trainer.current_epoch,
-                                        "val": {k: s[k] for k in s if k.startswith("val_")}})
-        module.model.save(self.run_dir / "last", extra=extra)
-        if s["val_dice"] > module.best_val:
-            module.best_val = s["val_dice"]
-            module.model.save(self.run_dir / "best", extra=extra)
-
-
 class _PatchEpoch(L.Callback):
     """Tell the patch stream which epoch starts, so every epoch draws new patches (deterministically)."""
 
@@ -357,7 +311,7 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
     stop = EarlyStopping(monitor="val/dice", mode="max", patience=cfg.patience, check_finite=False)
     trainer = make_trainer(
         out, max_epochs=cfg.epochs, device=device, gradient_clip_val=1.0,
-        callbacks=[stop, _PatchEpoch(patches), LesionRunRecorder(out, cfg, info), *(callbacks or [])],
+        callbacks=[stop, _PatchEpoch(patches), RunRecorder(out, METRICS_COLUMNS, "val_dice", lambda e: _model_extra(cfg, {**info, **e})), *(callbacks or [])],
         progress=progress, max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None)
     if ckpt:  # the first epoch's patch iterator is made before any hook runs: give it the resumed epoch
         patches.set_epoch(int(torch.load(ckpt, map_location="cpu", weights_only=True).get("epoch", -1)) + 1)

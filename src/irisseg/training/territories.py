@@ -49,8 +49,16 @@ from torch.utils.data import DataLoader, Dataset
 from irisseg.errors import InputError
 from irisseg.io import Volume, write_csv
 from irisseg.lesion import body_mask, check_channels, normalize_channels, sliding_window_logits
-from irisseg.training.engine import AnnealedModule, ListDataset, YamlConfig, make_trainer, resume_path
-from irisseg.training.lesion import _PatchEpoch, read_metrics_csv
+from irisseg.training.engine import (
+    AnnealedModule,
+    ListDataset,
+    RunRecorder,
+    YamlConfig,
+    make_trainer,
+    read_metrics_csv,
+    resume_path,
+)
+from irisseg.training.lesion import _PatchEpoch
 
 __all__ = ["TerritoryTrainConfig", "PreparedTerritoryCase", "territory_label_sets", "label_targets",
            "prepare_territory_case", "TerritorySliceDataset", "predict_logits", "labels_from_probabilities",
@@ -458,43 +466,6 @@ def _model_extra(cfg: TerritoryTrainConfig, info: dict) -> dict:
             "train": cfg.to_yaml_dict()}
 
 
-class TerritoryRunRecorder(L.Callback):
-    """After each validation: append a row to ``RUN/metrics.csv``, export ``RUN/last`` and, when the
-    validation mean Dice improves, ``RUN/best`` and its per-case ``RUN/validation.csv``. On (re)start,
-    rows of epochs not yet reached are dropped (a resumed run repeats them)."""
-
-    def __init__(self, run_dir: Path, cfg: TerritoryTrainConfig, info: dict):
-        self.run_dir, self.cfg, self.info = Path(run_dir), cfg, info
-        self._t0 = time.time()
-        self._elapsed = 0.0
-
-    @property
-    def csv_path(self) -> Path:
-        return self.run_dir / "metrics.csv"
-
-    def on_train_start(self, trainer: L.Trainer, module: TerritoryLightning) -> None:
-        rows = [r for r in read_metrics_csv(self.csv_path) if r["epoch"] < trainer.current_epoch]
-        self._elapsed = rows[-1]["seconds"] if rows else 0.0
-        self._t0 = time.time()
-        write_csv(self.csv_path, rows, METRICS_COLUMNS)
-
-    def on_validation_end(self, trainer: L.Trainer, module: TerritoryLightning) -> None:
-        s = module.epoch_summary
-        if trainer.sanity_checking or s is None:
-            return
-        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, **s,
-               "seconds": self._elapsed + time.time() - self._t0}
-        rows = [r for r in read_metrics_csv(self.csv_path) if r["epoch"] < trainer.current_epoch]
-        write_csv(self.csv_path, [*rows, row], METRICS_COLUMNS)
-        extra = _model_extra(self.cfg, {**self.info, "epoch": trainer.current_epoch,
-                                        "val": {k: s[k] for k in s if k.startswith("val_")}})
-        module.model.save(self.run_dir / "last", extra=extra)
-        if s["val_mean_dice"] > module.best_val:
-            module.best_val = s["val_mean_dice"]
-            module.model.save(self.run_dir / "best", extra=extra)
-            write_csv(self.run_dir / "validation.csv", module.case_rows, VALIDATION_COLUMNS, float_digits=8)
-
-
 # ---------------------------------------------------------------------------------------------------
 # training entry point
 # ---------------------------------------------------------------------------------------------------
@@ -599,7 +570,9 @@ def train_territories(experiment_name: str, cfg: TerritoryTrainConfig, data: str
     stop = EarlyStopping(monitor="val/mean_dice", mode="max", patience=cfg.patience, check_finite=False)
     trainer = make_trainer(
         out, max_epochs=cfg.epochs, device=device, gradient_clip_val=1.0,
-        callbacks=[stop, _PatchEpoch(crops), TerritoryRunRecorder(out, cfg, info), *(callbacks or [])],
+        callbacks=[stop, _PatchEpoch(crops), RunRecorder(
+            out, METRICS_COLUMNS, "val_mean_dice", lambda e: _model_extra(cfg, {**info, **e}),
+            on_best=lambda m: write_csv(out / "validation.csv", m.case_rows, VALIDATION_COLUMNS, float_digits=8)), *(callbacks or [])],
         progress=progress, max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None)
     if ckpt:  # the first epoch's iterator is made before any hook runs: give it the resumed epoch
         crops.set_epoch(int(torch.load(ckpt, map_location="cpu", weights_only=True).get("epoch", -1)) + 1)
