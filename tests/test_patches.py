@@ -283,3 +283,56 @@ def test_augmentation_keeps_image_and_label_aligned():
         assert it["image"].shape == (1, 12, 12, 12) and it["image"].dtype == torch.float32
         assert set(torch.unique(it["label"]).tolist()) <= {0.0, 1.0}
         assert not torch.equal(it["image"], it["label"] * 3.0)
+
+
+def test_spatial_and_acquisition_augmentations():
+    from scipy import ndimage
+
+    from irisseg.data.augment import gaussian_blur, random_gamma, simulate_low_resolution
+
+    image, label, body = _brain_case()
+    image = label.astype(np.float32) * 3.0
+    # an identity "rotation" resamples exactly, so image and label stay aligned through the spatial branch
+    ident = PatchAugmentConfig(flip=0.5, intensity_prob=0.0, noise_prob=0.0, spatial_prob=1.0, rotate_deg=0.0,
+                               zoom=(1.0, 1.0))
+    ds = LesionPatchDataset([(image, label, body)], PatchConfig(patch_size=12, positive_fraction=1.0),
+                            augment=ident, seed=0, samples_per_epoch=10)
+    for it in ds:
+        torch.testing.assert_close(it["image"], it["label"] * 3.0, atol=1e-5, rtol=0)
+    # every optional augmentation on: shapes kept, label and valid mask binary, lesions not wiped out
+    full = PatchAugmentConfig(spatial_prob=1.0, gamma_prob=1.0, blur_prob=1.0, lowres_prob=1.0, rotate_deg=30.0)
+    ds = LesionPatchDataset([(image, label, body)], PatchConfig(patch_size=12, positive_fraction=1.0),
+                            augment=full, seed=0, samples_per_epoch=20)
+    hits = 0
+    for it in ds:
+        assert it["image"].shape == (1, 12, 12, 12) and torch.isfinite(it["image"]).all()
+        assert set(torch.unique(it["label"]).tolist()) <= {0.0, 1.0}
+        assert set(torch.unique(it["valid"]).tolist()) <= {0.0, 1.0}
+        hits += int(it["label"].sum() > 0)
+    assert hits >= 15
+    # the blur is scipy's Gaussian filter (nearest-edge mode, truncated at 3 sigma), per axis
+    vol = np.random.default_rng(0).normal(size=(9, 11, 13)).astype(np.float32)
+    ours = gaussian_blur(torch.from_numpy(vol)[None], (1.0, 0.0, 0.7))[0].numpy()
+    ref = ndimage.gaussian_filter(vol, sigma=(1.0, 0.0, 0.7), mode="nearest", truncate=3.0)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    # gamma keeps each channel's range; a factor-1 low-resolution round trip is the identity
+    x = torch.from_numpy(np.stack([vol, 2 * vol + 1]))
+    y = random_gamma(x, (0.7, 1.5), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(y.amin(dim=(1, 2, 3)), x.amin(dim=(1, 2, 3)))
+    torch.testing.assert_close(y.amax(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3)))
+    assert torch.equal(simulate_low_resolution(x, 1.0), x)
+    assert simulate_low_resolution(x, 0.5).shape == x.shape
+
+
+def test_lesion_config_augmentation_overrides():
+    from irisseg.errors import InputError
+    from irisseg.training.lesion import LesionTrainConfig
+
+    cfg = LesionTrainConfig(augmentation={"spatial_prob": 0.2, "gamma_prob": 0.3})
+    aug = cfg.augment_config()
+    assert aug.spatial_prob == 0.2 and aug.gamma_prob == 0.3 and aug.flip == 0.5
+    assert LesionTrainConfig(augment=False, augmentation={"spatial_prob": 0.2}).augment_config() is None
+    with pytest.raises(InputError, match="unknown augmentation setting"):
+        LesionTrainConfig(augmentation={"rotation": 10})
+    with pytest.raises(InputError, match="probability"):
+        LesionTrainConfig(augmentation={"blur_prob": 2.0})

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
+from irisseg.data.augment import random_affine
 from irisseg.preprocess import Preprocessor
 
 __all__ = ["AugmentConfig", "augment_episode", "SyntheticEpisodes", "DatasetEpisodes", "make_episode"]
@@ -45,26 +45,9 @@ class AugmentConfig:
     intensity: float = 0.8
 
 
-def _rotation_matrix(angles: torch.Tensor) -> torch.Tensor:
-    """(3,) radians -> (3, 3) rotation R_z @ R_y @ R_x."""
-    cx, cy, cz = torch.cos(angles)
-    sx, sy, sz = torch.sin(angles)
-    rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def _random_affine(image: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator):
     """Rotate/scale one volume and its mask about the centre. image (1, D, H, W), mask (N, D, H, W)."""
-    angles = (torch.rand(3, generator=gen) * 2 - 1) * math.radians(cfg.rotate_deg)
-    scale = cfg.scale[0] + torch.rand(1, generator=gen).item() * (cfg.scale[1] - cfg.scale[0])
-    theta = torch.zeros(1, 3, 4)
-    theta[0, :, :3] = _rotation_matrix(angles) / scale
-    grid = F.affine_grid(theta, [1, 1, *image.shape[-3:]], align_corners=False)
-    image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-    mask = F.grid_sample(mask[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
-    return image, mask
+    return random_affine(image, mask, cfg.rotate_deg, cfg.scale, gen)
 
 
 def _random_intensity(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

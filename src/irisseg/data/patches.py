@@ -50,6 +50,7 @@ import torch
 from scipy import ndimage as ndi
 from torch.utils.data import IterableDataset, get_worker_info
 
+from irisseg.data.augment import gaussian_blur, random_affine, random_gamma, simulate_low_resolution
 from irisseg.errors import InputError
 
 __all__ = [
@@ -154,6 +155,18 @@ class PatchAugmentConfig:
       intensity_prob: probability of applying the scale and shift.
       noise_std: largest standard deviation of additive Gaussian noise (drawn uniformly in [0, noise_std]).
       noise_prob: probability of adding noise.
+
+    The following (nnU-Net's spatial and acquisition augmentations) are off by default (probability 0):
+
+      spatial_prob: probability of a rotation and isotropic zoom about the patch centre
+        (:func:`irisseg.data.augment.random_affine`; label and valid mask by nearest neighbour).
+      rotate_deg: largest rotation about each axis, degrees; zoom: (min, max) zoom factor.
+      gamma_prob / gamma: probability and (min, max) exponent of a per-channel gamma on the patch's range.
+      blur_prob / blur_sigma: probability and (min, max) Gaussian width in voxels, drawn per axis (an
+        anisotropic blur imitates thick slices).
+      lowres_prob / lowres: probability and (min, max) factor of a down- and up-sampling round trip.
+
+    Order: flips, spatial, blur, low resolution, gamma, intensity scale / shift, noise.
     """
 
     flip: float = 0.5
@@ -162,17 +175,32 @@ class PatchAugmentConfig:
     intensity_prob: float = 1.0
     noise_std: float = 0.05
     noise_prob: float = 0.5
+    spatial_prob: float = 0.0
+    rotate_deg: float = 15.0
+    zoom: tuple[float, float] = (0.85, 1.15)
+    gamma_prob: float = 0.0
+    gamma: tuple[float, float] = (0.7, 1.5)
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    lowres_prob: float = 0.0
+    lowres: tuple[float, float] = (0.5, 1.0)
 
     def __post_init__(self):
-        self.scale = tuple(float(v) for v in self.scale)
-        self.shift = tuple(float(v) for v in self.shift)
-        for name in ("flip", "intensity_prob", "noise_prob"):
+        for name in ("scale", "shift", "zoom", "gamma", "blur_sigma", "lowres"):
+            setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+        for name in ("flip", "intensity_prob", "noise_prob", "spatial_prob", "gamma_prob", "blur_prob",
+                     "lowres_prob"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise InputError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
-        for name in ("scale", "shift"):
+        for name in ("scale", "shift", "zoom", "gamma", "blur_sigma", "lowres"):
             lo_hi = getattr(self, name)
             if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
                 raise InputError(f"{name} must be (min, max) with min <= max, got {lo_hi}")
+        for name in ("zoom", "gamma", "lowres"):
+            if getattr(self, name)[0] <= 0:
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lowres[1] > 1 or self.blur_sigma[0] < 0 or self.rotate_deg < 0:
+            raise InputError("lowres must lie in (0, 1], blur_sigma and rotate_deg must be >= 0")
         if self.noise_std < 0:
             raise InputError(f"noise_std must be >= 0, got {self.noise_std}")
 
@@ -478,10 +506,12 @@ def _uniform(gen: torch.Generator, lo_hi: tuple[float, float], shape=(1,)) -> to
 
 def augment_patch(image: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, cfg: PatchAugmentConfig,
                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random flips per axis (all three tensors), then per-channel intensity scale/shift and Gaussian noise.
+    """Random flips per axis (all three tensors), the optional spatial / blur / low-resolution / gamma
+    augmentations of ``cfg``, then per-channel intensity scale/shift and Gaussian noise.
 
-    Every random number is drawn whatever the outcome, so the stream consumed per patch is fixed.
-    Padded voxels are transformed like the others.
+    Every random number is drawn whatever the outcome, so the stream consumed per patch is fixed (the
+    optional augmentations draw only when their probability is above 0). Padded voxels are transformed
+    like the others.
 
     Arguments:
       image (torch.Tensor): float32 (C, p0, p1, p2).
@@ -497,6 +527,27 @@ def augment_patch(image: torch.Tensor, label: torch.Tensor, valid: torch.Tensor,
     flips = [d for d, u in zip((1, 2, 3), torch.rand(3, generator=gen).tolist()) if u < cfg.flip]
     if flips:
         image, label, valid = image.flip(flips), label.flip(flips), valid.flip(flips)
+    if cfg.spatial_prob > 0:
+        do = bool(torch.rand(1, generator=gen) < cfg.spatial_prob)
+        g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        if do:
+            image, masks = random_affine(image, torch.cat([label, valid]), cfg.rotate_deg, cfg.zoom, g)
+            label, valid = masks[:1], masks[1:]
+    if cfg.blur_prob > 0:
+        do = bool(torch.rand(1, generator=gen) < cfg.blur_prob)
+        sigmas = _uniform(gen, cfg.blur_sigma, (3,)).tolist()
+        if do:
+            image = gaussian_blur(image, sigmas)
+    if cfg.lowres_prob > 0:
+        do = bool(torch.rand(1, generator=gen) < cfg.lowres_prob)
+        factor = float(_uniform(gen, cfg.lowres))
+        if do:
+            image = simulate_low_resolution(image, factor)
+    if cfg.gamma_prob > 0:
+        do = bool(torch.rand(1, generator=gen) < cfg.gamma_prob)
+        g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        if do:
+            image = random_gamma(image, cfg.gamma, g)
     channels = image.shape[0]
     do_intensity, do_noise = (torch.rand(2, generator=gen) < torch.tensor([cfg.intensity_prob, cfg.noise_prob])).tolist()
     scale = _uniform(gen, cfg.scale, (channels, 1, 1, 1))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -65,7 +65,9 @@ class LesionTrainConfig(YamlConfig):
         validation Dice before stopping; max_minutes: wall-time budget of the whole run (None: none).
       val_fraction: share of cases held out for validation (split by ``seed``).
       overlap: sliding-window overlap; threshold: probability threshold of predictions.
-      augment: random flips, intensity scale / shift and noise on training patches.
+      augment: random flips, intensity scale / shift and noise on training patches; augmentation: overrides
+        of :class:`irisseg.data.patches.PatchAugmentConfig`'s fields (e.g. ``{spatial_prob: 0.2,
+        gamma_prob: 0.3}`` for nnU-Net-style rotation / zoom and gamma), used when ``augment`` is true.
       num_workers: DataLoader workers drawing patches; num_threads: torch threads (None: default); seed.
     """
 
@@ -89,6 +91,7 @@ class LesionTrainConfig(YamlConfig):
     overlap: float = 0.5
     threshold: float = 0.5
     augment: bool = True
+    augmentation: dict = field(default_factory=dict)
     num_workers: int = 1
     num_threads: int | None = None
     seed: int = 0
@@ -104,6 +107,20 @@ class LesionTrainConfig(YamlConfig):
             raise InputError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
         if not 0.0 < self.val_fraction < 1.0:
             raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        self.augmentation = dict(self.augmentation or {})
+        self.augment_config()  # unknown or invalid augmentation keys fail here, before any training
+
+    def augment_config(self):
+        """The patch augmentation of this config (:class:`PatchAugmentConfig`), or None without ``augment``."""
+        from irisseg.data.patches import PatchAugmentConfig
+
+        if not self.augment:
+            return None
+        known = set(PatchAugmentConfig.__dataclass_fields__)
+        unknown = sorted(set(self.augmentation) - known)
+        if unknown:
+            raise InputError(f"unknown augmentation setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return PatchAugmentConfig(**self.augmentation)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,7 +292,7 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
     from lightning.pytorch.callbacks import EarlyStopping
 
     from irisseg.data.datasets import load_dataset
-    from irisseg.data.patches import LesionPatchDataset, PatchAugmentConfig, PatchConfig
+    from irisseg.data.patches import LesionPatchDataset, PatchConfig
     from irisseg.models.unet import ResidualUNet, UNetConfig
 
     out = Path(out)
@@ -294,7 +311,7 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
     patches = LesionPatchDataset(
         [(c.image, c.label, c.body) for c in train_cases],
         config=PatchConfig(patch_size=cfg.patch, positive_fraction=cfg.positive_fraction),
-        augment=PatchAugmentConfig() if cfg.augment else None, seed=cfg.seed,
+        augment=cfg.augment_config(), seed=cfg.seed,
         samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size)
     # Workers are not persistent, so each epoch's workers see the epoch set by _PatchEpoch (fresh patches
     # every epoch, and the same ones after a resume).
