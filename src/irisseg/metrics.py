@@ -33,6 +33,10 @@ For lesions, "exactly one empty" covers both cases: an empty prediction with ref
 lesion recall 0 (no lesion found) and lesion precision 0 (by convention; there is no predicted component
 to be right), and predicted components without any reference lesion give precision 0 and recall 0
 (by convention; nothing could be found). Lesion F1 is then 0.
+
+The retrieval and multi-label classification metrics at the end of the file (:func:`rank_by_similarity`,
+:func:`retrieval_metrics`, :func:`classification_f1`) work on per-case label vectors and embeddings, not
+masks; their conventions are stated in their docstrings.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ __all__ = [
     "lesion_detection",
     "evaluate",
     "summarize",
+    "rank_by_similarity",
+    "retrieval_metrics",
+    "classification_f1",
 ]
 
 _MM3_PER_ML = 1000.0
@@ -558,3 +565,279 @@ def summarize(results: Sequence[Mapping[int, Mapping[str, float]]]) -> dict[int,
                 "n_inf": int(np.count_nonzero(np.isinf(arr))),
             }
     return summary
+
+
+# ========================================================================================================
+# retrieval and multi-label classification metrics
+#
+# These work on case-level labels, not masks. Every case carries a binary label vector (n_classes,)
+# (multi-label: any number of positives, including none). A query q and a gallery item g are *relevant*
+# to each other when they share at least one positive label; their graded relevance is the Jaccard index
+# of the label vectors, |q AND g| / |q OR g| (0 when both are empty).
+
+
+def _binary_matrix(x, name: str) -> np.ndarray:
+    """A 2-D array of 0/1 (bool, int or float) values as a bool array, checked."""
+    arr = _to_numpy(x)
+    if arr.ndim != 2:
+        raise InputError(f"{name} must be a 2-D (n, n_classes) array, got shape {arr.shape}")
+    if arr.dtype != bool:
+        if arr.dtype.kind not in "biuf" or not np.all((arr == 0) | (arr == 1)):
+            raise InputError(f"{name} must be binary (0/1 or bool), found other values")
+        arr = arr != 0
+    return arr
+
+
+def _label_pair(query_labels, gallery_labels) -> tuple[np.ndarray, np.ndarray]:
+    q = _binary_matrix(query_labels, "query_labels")
+    g = _binary_matrix(gallery_labels, "gallery_labels")
+    if q.shape[1] != g.shape[1]:
+        raise InputError(f"query_labels and gallery_labels must have the same number of classes, "
+                         f"got {q.shape[1]} and {g.shape[1]}")
+    return q, g
+
+
+def _label_jaccard(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """(Q, G) Jaccard index of bool label vectors (0 where both are empty), float64."""
+    qf, gf = q.astype(np.float64), g.astype(np.float64)
+    inter = qf @ gf.T
+    union = qf.sum(1)[:, None] + gf.sum(1)[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _excluded_index(exclude_self, n_query: int, n_gallery: int) -> np.ndarray:
+    """(Q,) int64: the gallery index each query must not be matched with, -1 for none."""
+    if exclude_self is None or isinstance(exclude_self, (bool, np.bool_)):
+        if not exclude_self:
+            return np.full(n_query, -1, dtype=np.int64)
+        if n_query != n_gallery:
+            raise InputError(f"exclude_self=True needs the queries to be the gallery itself (query i = "
+                             f"gallery item i), got {n_query} queries and {n_gallery} gallery items")
+        return np.arange(n_query, dtype=np.int64)
+    idx = _to_numpy(exclude_self)
+    if idx.shape != (n_query,) or idx.dtype.kind not in "iu":
+        raise InputError(f"exclude_self must be a bool or an integer array of shape ({n_query},) (one "
+                         f"gallery index per query, -1 for none), got {idx.dtype} array of shape {idx.shape}")
+    idx = idx.astype(np.int64)
+    if np.any((idx < -1) | (idx >= n_gallery)):
+        raise InputError(f"exclude_self indices must be in [-1, {n_gallery - 1}] "
+                         f"(gallery indices, -1 = none)")
+    return idx
+
+
+def rank_by_similarity(query_emb, gallery_emb, k: int, exclude_self=False) -> np.ndarray:
+    """The k gallery items of largest inner product with each query, best first (exact, brute force).
+
+    With L2-normalised embeddings (as :class:`irisseg.models.embedding.EmbeddingNet` returns) the inner
+    product is the cosine similarity. Scores are computed in float64; ties are broken by the smaller
+    gallery index, so the result is deterministic. The cost is O(Q * G * (E + log G)) time and
+    O(G) memory per query row (queries go in chunks): meant for evaluation sets, not for large indexes.
+
+    Arguments:
+      query_emb (np.ndarray | torch.Tensor): (Q, E) query embeddings.
+      gallery_emb (np.ndarray | torch.Tensor): (G, E) gallery embeddings.
+      k (int): items to return per query, 1 <= k <= G (G - 1 when any query excludes an item).
+      exclude_self (bool | np.ndarray): False: nothing excluded. True: leave-one-out on one set, query i
+        is gallery item i (needs Q == G) and is never returned for itself. A (Q,) integer array: the
+        gallery index to leave out for each query, -1 for none.
+
+    Returns:
+      np.ndarray: (Q, k) int64 gallery indices, best first, distinct within a row, never the excluded
+        item; pass it to :func:`retrieval_metrics` with the same ``exclude_self``.
+
+    Raises:
+      InputError: wrong shapes, non-finite embeddings, a bad ``exclude_self``, or ``k`` out of range.
+    """
+    q = np.asarray(_to_numpy(query_emb), dtype=np.float64)
+    g = np.asarray(_to_numpy(gallery_emb), dtype=np.float64)
+    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
+        raise InputError(f"query_emb and gallery_emb must be (Q, E) and (G, E) arrays with the same E, "
+                         f"got shapes {q.shape} and {g.shape}")
+    if not (np.all(np.isfinite(q)) and np.all(np.isfinite(g))):
+        raise InputError("query_emb and gallery_emb must be finite (found NaN or inf)")
+    excluded = _excluded_index(exclude_self, q.shape[0], g.shape[0])
+    available = g.shape[0] - (1 if np.any(excluded >= 0) else 0)
+    if int(k) != k or not 1 <= k <= available:
+        raise InputError(f"k must be an integer between 1 and {available} (the gallery items a query can "
+                         f"be matched with), got {k}")
+    k = int(k)
+    ranking = np.empty((q.shape[0], k), dtype=np.int64)
+    chunk = max(1, (1 << 22) // max(g.shape[0], 1))
+    for start in range(0, q.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        scores = q[rows] @ g.T
+        ex = excluded[rows]
+        has = np.flatnonzero(ex >= 0)
+        scores[has, ex[has]] = -np.inf
+        # stable sort of the negated scores: descending score, ties by ascending gallery index
+        ranking[rows] = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return ranking
+
+
+def _check_ks(ks) -> tuple[int, ...]:
+    values = tuple(ks) if isinstance(ks, Iterable) else (ks,)
+    if not values:
+        raise InputError("ks must hold at least one cutoff")
+    out = []
+    for k in values:
+        if float(k) != int(k) or int(k) < 1:
+            raise InputError(f"every cutoff in ks must be a positive integer, got {k}")
+        out.append(int(k))
+    return tuple(dict.fromkeys(out))
+
+
+def _check_ranking(ranking, n_query: int, n_gallery: int, k_max: int, excluded: np.ndarray) -> np.ndarray:
+    """The first ``k_max`` columns of a (Q, >= k_max) ranking as int64, checked."""
+    r = _to_numpy(ranking)
+    if r.ndim != 2 or r.shape[0] != n_query:
+        raise InputError(f"ranking must be a ({n_query}, >= {k_max}) array (one row per query), "
+                         f"got shape {r.shape}")
+    if r.shape[1] < k_max:
+        raise InputError(f"ranking has {r.shape[1]} columns, fewer than the largest cutoff k = {k_max}")
+    if r.dtype.kind not in "iu":
+        raise InputError(f"ranking must hold integer gallery indices, got dtype {r.dtype}")
+    r = r[:, :k_max].astype(np.int64)
+    if np.any((r < 0) | (r >= n_gallery)):
+        raise InputError(f"ranking indices must be gallery indices in [0, {n_gallery - 1}]")
+    if k_max > 1 and np.any(np.diff(np.sort(r, axis=1), axis=1) == 0):
+        raise InputError(f"ranking rows must not repeat a gallery item within the first {k_max} columns")
+    if np.any(r == excluded[:, None]):
+        raise InputError("ranking contains an excluded item (the query itself): leave it out of the ranking")
+    return r
+
+
+def retrieval_metrics(
+    query_labels, gallery_labels, ranking, ks=(1, 3, 5, 10, 20), exclude_self=False, per_query: bool = False
+) -> dict:
+    """Precision, recall, mean average precision and NDCG at cutoffs k of a multi-label retrieval.
+
+    Relevance: query q and gallery item g are relevant when they share at least one positive label
+    (``rel = 1``, else 0); graded relevance (the NDCG gain) is the Jaccard index of their label vectors,
+    ``|q AND g| / |q OR g|`` (0 if both are empty). R is the number of gallery items relevant to the query,
+    not counting the query's own excluded item (``exclude_self``). With ``rel_i`` the relevance of the
+    item at rank i (i = 1 first), per query:
+
+    * ``precision@k = (#relevant in the top k) / k``
+    * ``recall@k = (#relevant in the top k) / R``
+    * ``map@k`` (AP@k averaged over queries): ``AP@k = sum_{i <= k} P@i * rel_i / min(k, R)``
+    * ``ndcg@k = DCG@k / IDCG@k`` with ``DCG@k = sum_{i <= k} jaccard_i / log2(i + 1)`` and IDCG@k the DCG@k
+      of the best possible ordering of the whole gallery (the k largest Jaccard gains over all gallery
+      items, the excluded one left out, sorted descending).
+
+    Queries with R = 0 (no relevant item in the gallery, e.g. a case with no positive label) have
+    undefined recall, AP and NDCG: they are left out of every mean, and their count is reported as
+    ``n_queries_without_relevant``. If no query has a relevant item the means are NaN.
+
+    Arguments:
+      query_labels (np.ndarray | torch.Tensor): (Q, L) binary (bool or 0/1) label vectors of the queries.
+      gallery_labels (np.ndarray | torch.Tensor): (G, L) binary label vectors of the gallery.
+      ranking (np.ndarray | torch.Tensor): (Q, >= max(ks)) integer gallery indices, best first, distinct
+        within the first max(ks) columns, without the query's own excluded item (e.g. from
+        :func:`rank_by_similarity`); columns beyond max(ks) are ignored.
+      ks (Iterable[int] | int): cutoffs (positive; duplicates dropped, order kept).
+      exclude_self (bool | np.ndarray): which gallery item is the query itself and is left out of R and
+        of the ideal ordering, as in :func:`rank_by_similarity`: False (none), True (query i is gallery
+        item i, Q == G: leave-one-out evaluation of a set against itself) or a (Q,) integer array of
+        gallery indices (-1 for none).
+      per_query (bool): return the per-query values instead of the means.
+
+    Returns:
+      dict: with ``per_query=False``, ``{"precision@k", "recall@k", "map@k", "ndcg@k"}`` for each k in ks
+        (float means over the queries with R > 0), ``"n_queries"`` (int, the queries averaged) and
+        ``"n_queries_without_relevant"`` (int, the queries left out). With ``per_query=True``, the same
+        metric keys with (Q,) float64 arrays (NaN for queries with R = 0) and ``"n_relevant"``, the (Q,)
+        int64 array of R.
+
+    Raises:
+      InputError: non-binary or mis-shaped labels, a ranking with out-of-range, repeated or excluded
+        indices or fewer than max(ks) columns, or invalid cutoffs.
+    """
+    q, g = _label_pair(query_labels, gallery_labels)
+    ks = _check_ks(ks)
+    k_max = max(ks)
+    excluded = _excluded_index(exclude_self, q.shape[0], g.shape[0])
+    r = _check_ranking(ranking, q.shape[0], g.shape[0], k_max, excluded)
+
+    gains = _label_jaccard(q, g)  # (Q, G); > 0 exactly where a positive label is shared
+    has = np.flatnonzero(excluded >= 0)
+    gains[has, excluded[has]] = 0.0
+    relevant = gains > 0
+    n_relevant = relevant.sum(axis=1)
+    valid = n_relevant > 0
+
+    rows = np.arange(q.shape[0])[:, None]
+    rel = relevant[rows, r].astype(np.float64)  # (Q, k_max)
+    ranked_gains = gains[rows, r]
+    positions = np.arange(1, k_max + 1, dtype=np.float64)
+    discount = 1.0 / np.log2(positions + 1.0)
+    hits = np.cumsum(rel, axis=1)
+    ap_sum = np.cumsum(hits / positions * rel, axis=1)
+    dcg = np.cumsum(ranked_gains * discount, axis=1)
+    # the k_max largest gains of each row (the whole gallery, excluded item at 0), sorted descending
+    cut = g.shape[0] - k_max
+    top = np.partition(gains, cut, axis=1)[:, cut:] if cut > 0 else gains
+    ideal = -np.sort(-top, axis=1)[:, :k_max]
+    idcg = np.cumsum(ideal * discount, axis=1)
+
+    safe_r = np.maximum(n_relevant, 1).astype(np.float64)
+    values: dict[str, np.ndarray] = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for k in ks:
+            c = k - 1
+            values[f"precision@{k}"] = hits[:, c] / k
+            values[f"recall@{k}"] = hits[:, c] / safe_r
+            values[f"map@{k}"] = ap_sum[:, c] / np.minimum(k, safe_r)
+            values[f"ndcg@{k}"] = np.divide(dcg[:, c], idcg[:, c], out=np.zeros(len(q)), where=idcg[:, c] > 0)
+    for name in values:
+        values[name] = np.where(valid, values[name], np.nan)
+
+    if per_query:
+        return {**values, "n_relevant": n_relevant.astype(np.int64)}
+    n_used = int(np.count_nonzero(valid))
+    out: dict = {name: float(v[valid].mean()) if n_used else float("nan") for name, v in values.items()}
+    out["n_queries"] = n_used
+    out["n_queries_without_relevant"] = int(q.shape[0] - n_used)
+    return out
+
+
+def classification_f1(pred, target) -> dict:
+    """Micro, macro, weighted and per-class F1 of multi-label binary predictions.
+
+    Per class c, with TP / FP / FN counted over the N cases: ``F1_c = 2 TP / (2 TP + FP + FN)``, and 0 when
+    that denominator is 0 (no predicted and no true positive: scikit-learn's ``zero_division=0``).
+    ``micro_f1`` is the same formula on TP / FP / FN summed over classes (0 if all are 0); ``macro_f1`` the
+    unweighted mean of ``F1_c``; ``weighted_f1`` the mean of ``F1_c`` weighted by the support (true
+    positives count, ``target[:, c].sum()``), 0 when no class has support. These match
+    ``sklearn.metrics.f1_score(average="micro" | "macro" | "weighted" | None, zero_division=0)``.
+
+    Arguments:
+      pred (np.ndarray | torch.Tensor): (N, L) binary (bool or 0/1) predictions, N >= 1.
+      target (np.ndarray | torch.Tensor): (N, L) binary ground truth.
+
+    Returns:
+      dict: ``micro_f1``, ``macro_f1``, ``weighted_f1`` (float), ``per_class_f1`` ((L,) float64 array) and
+        ``support`` ((L,) int64 array, true positives per class).
+
+    Raises:
+      InputError: non-binary values, arrays that are not 2-D, different shapes, or no cases.
+    """
+    p = _binary_matrix(pred, "pred")
+    t = _binary_matrix(target, "target")
+    if p.shape != t.shape:
+        raise InputError(f"pred and target must have the same shape, got {p.shape} and {t.shape}")
+    if p.shape[0] == 0:
+        raise InputError("pred and target must hold at least one case")
+    tp = np.count_nonzero(p & t, axis=0)
+    fp = np.count_nonzero(p & ~t, axis=0)
+    fn = np.count_nonzero(~p & t, axis=0)
+    denom = 2 * tp + fp + fn
+    per_class = np.divide(2.0 * tp, denom, out=np.zeros(p.shape[1]), where=denom > 0)
+    total = int(denom.sum())
+    support = tp + fn
+    return {
+        "micro_f1": 2.0 * int(tp.sum()) / total if total else 0.0,
+        "macro_f1": float(per_class.mean()) if per_class.size else 0.0,
+        "weighted_f1": float(np.dot(per_class, support) / support.sum()) if support.sum() else 0.0,
+        "per_class_f1": per_class,
+        "support": support.astype(np.int64),
+    }
