@@ -175,7 +175,10 @@ def test_matrix_ranks_from_the_runs_resumes_and_skips_finished_runs(capsys, tmp_
         assert float(r["fold0_mean_dice"]) == pytest.approx(expected[r["config"]]["mean_dice"], abs=1e-5)
         assert float(r["asymmetry"]) == pytest.approx(abs(float(r["dice_1"]) - float(r["dice_2"])), abs=1e-5)
     assert [r["config"] for r in ranking] == sorted(names, key=lambda n: (-expected[n]["mean_dice"], n))
-    assert "Wilcoxon" in (out / "ranking.md").read_text()
+    report = (out / "ranking.md").read_text()
+    assert "Wilcoxon" in report
+    for name in names:  # the training-runs table: 2 of 2 planned epochs each
+        assert f"| {name} | 0 | 2 / 2 |" in report
     assert (out / "ranking.png").stat().st_size > 5_000
 
     # Second call: nothing is retrained; the ranking follows the (edited) validation files.

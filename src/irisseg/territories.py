@@ -391,6 +391,19 @@ def _markdown(ranking: list[dict], tests: list[dict], folds: list[int], top: int
     return "\n".join(lines) + "\n"
 
 
+def _runs_markdown(runs: Sequence[dict] | None) -> str:
+    if not runs:
+        return ""
+    lines = ["", "## Training runs", "",
+             "| Config | Fold | Epochs run / planned | Best epoch | Minutes | Stopped by |", "|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (str(r.get("config", "")), int(r.get("fold", 0)))):
+        planned = r.get("planned_epochs", "")
+        lines.append(f"| {r.get('config', '')} | {r.get('fold', '')} | {r.get('epochs', '')} / {planned} | "
+                     f"{r.get('best_epoch', '')} | {_fmt(float(r.get('minutes', float('nan'))), 2)} | "
+                     f"{r.get('stopped_by', '')} |")
+    return "\n".join(lines) + "\n"
+
+
 def _write_text(path: Path, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -424,7 +437,8 @@ def _bar_chart(ranking: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def write_report(results: Sequence[dict], out_dir: str | os.PathLike, top: int = 3) -> dict[str, Path]:
+def write_report(results: Sequence[dict], out_dir: str | os.PathLike, top: int = 3,
+                 runs: Sequence[dict] | None = None) -> dict[str, Path]:
     """Write the ranking as CSV, markdown and a bar chart into ``out_dir`` (each file written atomically).
 
     * ``ranking.csv``: the rows of :func:`rank_experiments` (all columns, 6 significant digits);
@@ -437,6 +451,9 @@ def write_report(results: Sequence[dict], out_dir: str | os.PathLike, top: int =
       results (Sequence[dict]): per-case evaluation rows (see :func:`rank_experiments`).
       out_dir (str | os.PathLike): output folder (created if missing).
       top (int): how many of the best configurations the Wilcoxon tests compare.
+      runs (Sequence[dict] | None): the runs' ``done.json`` summaries (config, fold, epochs, planned_epochs,
+        best_epoch, minutes, stopped_by); when given, ``ranking.md`` ends with a table of them, so a run cut
+        short by its time budget is visible next to its score.
 
     Returns:
       dict[str, Path]: ``{"csv": ..., "markdown": ..., "png": ...}``.
@@ -454,6 +471,6 @@ def write_report(results: Sequence[dict], out_dir: str | os.PathLike, top: int =
     out.mkdir(parents=True, exist_ok=True)
     return {
         "csv": write_csv(out / "ranking.csv", ranking, columns=list(ranking[0]), float_digits=6),
-        "markdown": _write_text(out / "ranking.md", _markdown(ranking, tests, folds, top)),
+        "markdown": _write_text(out / "ranking.md", _markdown(ranking, tests, folds, top) + _runs_markdown(runs)),
         "png": _bar_chart(ranking, out / "ranking.png"),
     }

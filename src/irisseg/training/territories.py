@@ -583,8 +583,11 @@ def train_territories(experiment_name: str, cfg: TerritoryTrainConfig, data: str
     if not history or not (out / "validation.csv").is_file():
         raise InputError(f"{out}: the run recorded no validated epoch (metrics.csv is empty)")
     best = max(history, key=lambda r: r.get("val_mean_dice", -1.0))
+    stopped = ("epochs" if len(history) >= cfg.epochs else "early stopping" if stop.stopped_epoch > 0
+               else "time budget")
     summary = {"config": experiment.name, "architecture": experiment.architecture, "fold": splits["fold"],
-               "best_epoch": best["epoch"], "epochs": len(history), "minutes": history[-1]["seconds"] / 60.0,
+               "best_epoch": best["epoch"], "epochs": len(history), "planned_epochs": cfg.epochs,
+               "stopped_by": stopped, "minutes": history[-1]["seconds"] / 60.0,
                "val_mean_dice": best["val_mean_dice"], "val_dice_1": best["val_dice_1"],
                "val_dice_2": best["val_dice_2"], "n_train": len(splits["train"]), "n_val": len(splits["val"])}
     tmp = out / ".done.json.tmp"
@@ -727,6 +730,7 @@ def run_matrix(data: str | Path, folds: Sequence[int], experiments, cfg: Territo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
+    runs: list[dict] = []
     total = len(chosen) * len(folds)
     for experiment in chosen:
         for f in folds:
@@ -741,6 +745,7 @@ def run_matrix(data: str | Path, folds: Sequence[int], experiments, cfg: Territo
             if not rows:
                 raise InputError(f"{run}: no validation.csv (the run did not finish; run the matrix again to resume)")
             results.extend(rows)
-    paths = write_report(results, out)
+            runs.append(json.loads((run / "done.json").read_text()))
+    paths = write_report(results, out, runs=runs)
     paths["cases"] = write_csv(out / "validation_cases.csv", results, VALIDATION_COLUMNS, float_digits=8)
     return paths
