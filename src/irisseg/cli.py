@@ -1024,6 +1024,206 @@ def territories_predict(
     console.print(table)
 
 
+# ---------------------------------------------------------------------------------------------------
+# retrieval: similar-case retrieval
+# ---------------------------------------------------------------------------------------------------
+retrieval_app = _command_group(
+    "retrieval", "Similar-case retrieval: train an embedding network, index a labelled collection, search it.")
+
+# --- retrieval train ---
+@retrieval_app.command("train")
+def retrieval_train(
+    data: Annotated[Path, typer.Option("--data", help="nnU-Net-style dataset folder (imagesTr/, labelsTr/, dataset.json; findings from findings.csv or the label maps).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: best/, last/, metrics.csv, splits.json, cache/, logs/, checkpoints/.")],
+    mode: Annotated[str | None, typer.Option("--mode", help="triplet | microf1 (overrides the config; default microf1).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML settings (see RetrievalTrainConfig).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Most epochs (early stopping may end sooner).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.ckpt (same split and cache).")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto (bf16 autocast on cuda).")] = "auto",
+) -> None:
+    """Train the retrieval embedding network: triplet learning or a micro-F1 classification head.
+
+    Cases are split stratified on their findings into train / train_eval / test (OUT/splits.json) and
+    preprocessed once into OUT/cache. After every epoch the train_eval cases are retrieved leave-one-out
+    (precision / recall / mAP / NDCG at k) and, with a head, classified (micro / macro F1); the best model
+    (micro-F1 then mAP@10, or mAP@10 in triplet mode) is exported to OUT/best, the latest to OUT/last.
+    """
+    from irisseg.training.retrieval import RetrievalTrainConfig, train_retrieval
+
+    _check_dataset_dir(data)
+    cfg = RetrievalTrainConfig.from_yaml(config) if config else RetrievalTrainConfig()
+    given = {k: v for k, v in {"mode": mode, "epochs": epochs}.items() if v is not None}
+    if given:
+        cfg = RetrievalTrainConfig(**{**cfg.to_dict(), **given})
+    run = train_retrieval(cfg, data, out, resume=resume, device=device)
+    _print_retrieval_history(run)
+
+
+def _print_retrieval_history(run: Path) -> None:
+    """The best epoch's scores (by val_select) as a table: one row per cutoff k, F1 and losses below."""
+    from irisseg.training.engine import read_metrics_csv
+    from irisseg.training.retrieval import KS
+
+    rows = read_metrics_csv(run / "metrics.csv")
+    if rows:
+        best = max(rows, key=lambda r: r.get("val_select", -1.0))
+        n = int(best.get("val_n", 0))
+        table = Table(title=f"best epoch {best['epoch']} (train_eval, {n} cases, leave-one-out)")
+        for column in ("k", "precision", "recall", "mAP", "NDCG"):
+            table.add_column(column, justify="right")
+        for k in KS:
+            table.add_row(f"{k}" if k <= n - 1 else f"{k} (-> {n - 1})",
+                          *(_fmt(best.get(f"val_{m}@{k}", float("nan")), 3) for m in ("precision", "recall", "map", "ndcg")))
+        console.print(table)
+        f1 = (f"micro-F1 {best['val_micro_f1']:.3f}, macro-F1 {best['val_macro_f1']:.3f}, "
+              if "val_micro_f1" in best else "")
+        console.print(f"{f1}train loss {_fmt(best.get('train_loss', float('nan')), 4)}, "
+                      f"val loss {_fmt(best.get('val_loss', float('nan')), 4)}")
+    console.print(f"run folder: {run} (models in {run / 'best'} and {run / 'last'}, metrics in {run / 'metrics.csv'})")
+
+
+# --- retrieval index / search / evaluate ---
+def _retrieval_finite(obj):
+    """``obj`` with NaN / inf floats replaced by None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: _retrieval_finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_retrieval_finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
+
+
+def _retrieval_print_json(payload: dict) -> None:
+    """One JSON document on stdout (nothing else is printed in --json mode)."""
+    print(json.dumps(_retrieval_finite(payload), indent=2, default=_json_default))
+
+
+@retrieval_app.command("index")
+def retrieval_index(
+    model: Annotated[Path, typer.Option("--model", help="Embedding model folder, or a 'retrieval train' run folder (uses best/).")],
+    data: Annotated[Path, typer.Option("--data", help="nnU-Net-style dataset: every labelled case is indexed, findings from findings.csv or the label maps.")],
+    out: Annotated[Path, typer.Option("--out", help="Index folder: index.faiss, cases.json, meta.json (+ vectors.npy for IVF-PQ).")],
+    approximate: Annotated[bool | None, typer.Option("--approximate/--exact", help="IVF-PQ approximate index (needs >= 256 cases; recall@10 is measured and reported) or exact inner-product index. Default: exact; with --add, the existing index's kind.")] = None,
+    add: Annotated[bool, typer.Option("--add", help="Add the cases to the index at OUT (built if missing). Cases already indexed from the same files are skipped; an id indexed with other files is refused (use --id-prefix).")] = False,
+    id_prefix: Annotated[str, typer.Option("--id-prefix", help="Prepended to every case id of this collection (e.g. 'siteB/').")] = "",
+    nprobe: Annotated[int | None, typer.Option("--nprobe", min=1, help="IVF-PQ: inverted lists visited per query (default round(sqrt(nlist))).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Cases embedded together.")] = 8,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "cpu",
+) -> None:
+    """Embed every labelled case of a collection and build (or extend, --add) a similar-case index.
+
+    Each case's channels are resampled to the model's retrieval grid, normalised and embedded; the index
+    stores the unit-norm embeddings (cosine = inner product) with each case's id, image files and findings.
+    The index folder is written atomically: a failure leaves the previous one (or nothing) in place.
+    """
+    from irisseg.retrieval import build_index
+
+    _check_dataset_dir(data)
+    index = build_index(model, data, out, approximate=approximate, add=add, batch_size=batch_size, device=device,
+                        nprobe=nprobe, id_prefix=id_prefix)
+    info = index.build_info
+    table = Table(title=f"irisseg retrieval index: {out}", title_justify="left")
+    table.add_column("setting")
+    table.add_column("value", justify="right", overflow="fold")
+    rows = [("cases indexed", str(len(index))), ("added now", str(info["added"]))]
+    if add:
+        rows.append(("skipped (already indexed)", str(len(info["skipped"]))))
+    rows += [("embedding dim", str(index.dim)), ("kind", index.kind)]
+    if index.kind == "ivfpq":
+        rows += [("nlist / m / nprobe", f"{index.nlist} / {index.m} / {index.nprobe}"),
+                 (f"recall@10 vs exact ({index.recall_queries} queries)", _fmt(index.recall_at_10, 3))]
+    rows += [("grid", " x ".join(map(str, index.model_info["grid"]))), ("findings", ", ".join(index.names)),
+             ("seconds", f"{info['seconds']:.1f} (embedding {info['embed_seconds']:.1f})")]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+@retrieval_app.command("search")
+def retrieval_search(
+    index: Annotated[Path, typer.Option("--index", help="Index folder written by 'irisseg retrieval index'.")],
+    query: Annotated[list[Path], typer.Option("--query", help="Query image; repeat for each channel, in channel order (_0000, _0001, ...).")],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of nearest cases.")] = 10,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the table.")] = False,
+    model: Annotated[Path | None, typer.Option("--model", help="Embedding model (default: the one named in the index; must have the same weights).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Case id never returned (repeatable), e.g. the query's own case.")] = None,
+    nprobe: Annotated[int | None, typer.Option("--nprobe", min=1, help="IVF-PQ index: inverted lists visited (this search only).")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "cpu",
+) -> None:
+    """The k indexed cases most similar to a query image: rank, case id, cosine similarity, findings.
+
+    The query may have any shape, spacing and orientation: it is resampled to the index's grid like the
+    indexed cases. With --json: {"index", "query", "k", "kind", "n_cases", "hits": [{"rank", "case_id",
+    "score", "findings", "paths"}]}.
+    """
+    from irisseg.io import read_volume
+    from irisseg.retrieval import CaseIndex, query_model, search_cases
+
+    idx = CaseIndex.load(index)
+    if nprobe is not None:
+        idx.nprobe = nprobe
+    net = query_model(idx, model)
+    if len(query) != net.config.in_channels:
+        raise InputError(f"--query: the model takes {net.config.in_channels} channel(s), got {len(query)} file(s) "
+                         f"(repeat --query once per channel, in channel order)")
+    channels = [read_volume(q) for q in query]
+    hits = search_cases(idx, net, channels, k=k, exclude=exclude, device=device)[0]
+    if json_out:
+        _retrieval_print_json({"index": str(index), "query": [str(q) for q in query], "k": k, "kind": idx.kind,
+                               "n_cases": len(idx), "hits": [h.to_dict() for h in hits]})
+        return
+    table = Table(title=f"irisseg retrieval search: {len(hits)} nearest of {len(idx)} cases ({idx.kind} index)",
+                  title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("case", no_wrap=True)
+    table.add_column("cosine", justify="right")
+    table.add_column("findings", overflow="fold")
+    for h in hits:
+        table.add_row(str(h.rank), h.case_id, f"{h.score:.4f}", ", ".join(h.findings) or "-")
+    console.print(table)
+
+
+@retrieval_app.command("evaluate")
+def retrieval_evaluate(
+    index: Annotated[Path, typer.Option("--index", help="Index folder written by 'irisseg retrieval index'.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Query collection (labelled dataset); default: leave-one-out over the indexed cases.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the table.")] = False,
+    ks: Annotated[str, typer.Option("--ks", help="Comma-separated cutoffs k (those above the gallery size are dropped).")] = "1,3,5,10,20",
+    model: Annotated[Path | None, typer.Option("--model", help="Embedding model for --data (default: the one named in the index).")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "cpu",
+) -> None:
+    """Retrieval quality of an index: precision, recall, mAP and NDCG at k.
+
+    A gallery case is relevant to a query when they share a finding; NDCG's gain is the Jaccard index of
+    their findings. Without --data each indexed case queries all the others (leave-one-out); with --data
+    that collection's cases are embedded and query the index (the same case is left out of its ranking).
+    Queries without any relevant case are left out of the means (counted in the output).
+    """
+    from irisseg.retrieval import CaseIndex, evaluate_index
+
+    parts = [p.strip() for p in ks.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise InputError(f"--ks: expected comma-separated positive integers such as 1,5,10, got {ks!r}")
+    if data is not None:
+        _check_dataset_dir(data)
+    idx = CaseIndex.load(index)
+    result = evaluate_index(idx, data, ks=[int(p) for p in parts], model=model, device=device)
+    if json_out:
+        _retrieval_print_json({"index": str(index), "data": None if data is None else str(data), **result})
+        return
+    table = Table(title=f"irisseg retrieval evaluate: {result['mode']}, {result['n_queries']} queries with a "
+                        f"relevant case, gallery of {result['n_gallery']} ({idx.kind} index)", title_justify="left")
+    for column in ("k", "P@k", "R@k", "mAP@k", "NDCG@k"):
+        table.add_column(column, justify="right")
+    for kk in result["ks"]:
+        table.add_row(str(kk), *(_fmt(result[f"{m}@{kk}"], 4) for m in ("precision", "recall", "map", "ndcg")))
+    console.print(table)
+    if result["n_queries_without_relevant"]:
+        console.print(f"{result['n_queries_without_relevant']} query case(s) share no finding with any gallery "
+                      f"case and are left out of the means")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 on success, 2 for bad input or bad usage, 130 if interrupted.
 

@@ -639,3 +639,142 @@ class TerritoryLoss:
     def __call__(self, logits: torch.Tensor, target: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
         """The total loss, a float32 scalar; see the class docstring for the shapes and formula."""
         return self.components(logits, target, progress)["total"]
+
+
+# ===================================================================================================
+# retrieval losses: triplet (metric learning) and soft micro-F1 (multi-label classification)
+# ===================================================================================================
+#
+# A batch of B cases, each with a unit-norm embedding (B, E) and a multi-hot findings vector (B, L). Two
+# different cases are a *positive* pair when they share at least one finding, a *negative* pair when they
+# share none; a case is never paired with itself. A case without any finding has no positive (it can only
+# be somebody's negative).
+
+__all__ += ["TRIPLET_MINING", "pairwise_squared_distances", "triplet_loss", "soft_micro_f1_loss"]
+
+#: Triplet mining strategies of :func:`triplet_loss`.
+TRIPLET_MINING = ("batch_hard", "semi_hard")
+
+
+def _check_retrieval_pair(x: torch.Tensor, labels: torch.Tensor, what: str) -> None:
+    if x.ndim != 2 or labels.ndim != 2 or x.shape[0] != labels.shape[0]:
+        raise ValueError(f"{what} (B, E) and labels (B, L) must be 2-D with the same B, "
+                         f"got shapes {tuple(x.shape)} and {tuple(labels.shape)}")
+
+
+def pairwise_squared_distances(embeddings: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances between the rows of ``embeddings``, in float32.
+
+    ``d(i, j) = |e_i|^2 + |e_j|^2 - 2 e_i . e_j``, clamped at 0, with an exact 0 diagonal. For unit vectors
+    this is ``2 - 2 cos(e_i, e_j)``, in [0, 4].
+
+    Arguments:
+      embeddings (torch.Tensor): (B, E), any float dtype.
+
+    Returns:
+      torch.Tensor: float32 (B, B), symmetric.
+    """
+    e = embeddings.float()
+    sq = (e * e).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2.0 * (e @ e.T)).clamp_min(0.0)
+    return d * (1.0 - torch.eye(e.shape[0], device=e.device, dtype=d.dtype))
+
+
+def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.2,
+                 mining: str = "batch_hard") -> torch.Tensor:
+    """Online triplet loss for multi-label cases, with batch-hard or semi-hard mining.
+
+    Distance: squared Euclidean, ``d(a, b) = |e_a - e_b|^2``, which for the unit-norm embeddings of
+    :class:`~irisseg.models.embedding.EmbeddingNet` is ``2 - 2 cos(e_a, e_b)`` in [0, 4] (so ``margin`` is in
+    those units: 0.2 = a cosine gap of 0.1). Positives of anchor ``a``: the other cases sharing at least one
+    finding with it; negatives: the cases sharing none (never ``a`` itself).
+
+    * ``batch_hard``: per anchor with at least one positive and one negative, its hardest positive
+      ``d_ap = max_p d(a, p)`` and hardest negative ``d_an = min_n d(a, n)``;
+      ``loss = mean_a relu(d_ap - d_an + margin)`` over those anchors.
+    * ``semi_hard``: per (anchor, positive) pair whose anchor has a negative, the negative with the smallest
+      ``d(a, n)`` among those farther than the positive (``d(a, n) > d(a, p)``), or the hardest negative
+      ``min_n d(a, n)`` when none is; ``loss = mean_(a, p) relu(d(a, p) - d(a, n) + margin)`` over those pairs.
+
+    The selection is not differentiated (it picks which distances enter the loss); the distances are.
+
+    Arguments:
+      embeddings (torch.Tensor): (B, E) embeddings (unit L2 norm expected), any float dtype.
+      labels (torch.Tensor): (B, L) binary (bool or 0/1) findings vectors.
+      margin (float): the margin, >= 0, in squared-distance units.
+      mining (str): ``"batch_hard"`` or ``"semi_hard"``.
+
+    Returns:
+      torch.Tensor: float32 scalar; 0 (still attached to the graph, so ``backward`` works) when the batch
+      holds no valid anchor / pair, i.e. no case with both a positive and a negative.
+
+    Raises:
+      ValueError: wrong shapes, an unknown ``mining``, a negative margin.
+    """
+    _check_retrieval_pair(embeddings, labels, "embeddings")
+    if mining not in TRIPLET_MINING:
+        raise ValueError(f"mining must be one of {', '.join(TRIPLET_MINING)}, got {mining!r}")
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        d = pairwise_squared_distances(embeddings)
+        y = (labels != 0).float()
+        b = d.shape[0]
+        eye = torch.eye(b, dtype=torch.bool, device=d.device)
+        shared = (y @ y.T) > 0
+        pos, neg = shared & ~eye, ~shared & ~eye
+        has_neg = neg.any(1)
+        inf = torch.tensor(float("inf"), device=d.device)
+        hardest_neg = torch.where(neg, d, inf).amin(1)  # (B,), inf without a negative
+        zero = embeddings.float().sum() * 0.0 + 0.0  # + 0.0: never -0.0
+        if mining == "batch_hard":
+            valid = pos.any(1) & has_neg
+            if not valid.any():
+                return zero
+            hardest_pos = torch.where(pos, d, -inf).amax(1)
+            return F.relu(hardest_pos[valid] - hardest_neg[valid] + margin).mean()
+        valid = pos & has_neg[:, None]  # (A, P)
+        if not valid.any():
+            return zero
+        d_ap = d[:, :, None]  # (A, P, 1)
+        d_an = d[:, None, :]  # (A, 1, N)
+        farther = neg[:, None, :] & (d_an > d_ap)  # (A, P, N)
+        semi = torch.where(farther, d_an, inf).amin(2)  # (A, P)
+        chosen = torch.where(farther.any(2), semi, hardest_neg[:, None].expand(b, b))
+        return F.relu(d - chosen + margin)[valid].mean()
+
+
+def soft_micro_f1_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``1 -`` the soft ("graded") micro-F1 of multi-label predictions: probabilities, not thresholds.
+
+    With ``p = sigmoid(logits)`` and ``y = targets``, summed over every element of the batch (all cases and
+    all findings together, hence *micro*)::
+
+        TP = sum p y,   FP = sum p (1 - y),   FN = sum (1 - p) y
+        F1 = 2 TP / (2 TP + FP + FN + eps),   loss = 1 - F1
+
+    With confident, correct logits ``p -> y`` and the loss goes to 0 (to ``eps / (2 TP + eps)``); a batch
+    without any positive target gives ``F1 = 0`` and loss 1 whatever the logits (only BCE can teach "no
+    finding" then). Computed in float32.
+
+    Arguments:
+      logits (torch.Tensor): (B, L) raw classification scores, any float dtype.
+      targets (torch.Tensor): (B, L) values in [0, 1] (binary findings).
+      eps (float): keeps the ratio defined when everything is 0.
+
+    Returns:
+      torch.Tensor: float32 scalar in [0, 1].
+
+    Raises:
+      ValueError: the shapes differ or are not 2-D.
+    """
+    if logits.shape != targets.shape or logits.ndim != 2:
+        raise ValueError(f"logits and targets must both be (B, L), got shapes {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        p = torch.sigmoid(logits.float())
+        y = targets.float()
+        tp = (p * y).sum()
+        fp = (p * (1.0 - y)).sum()
+        fn = ((1.0 - p) * y).sum()
+        return 1.0 - 2.0 * tp / (2.0 * tp + fp + fn + eps)
