@@ -652,15 +652,6 @@ lesion_app = _command_group(
     "lesion", "Supervised lesion segmentation: residual 3D U-Net, lesion-aware patches, whole-volume prediction.")
 
 
-def _lesion_config(config: Path | None, **overrides):
-    """LesionTrainConfig from YAML (or defaults) with the command-line overrides that were given."""
-    from irisseg.training.lesion import LesionTrainConfig
-
-    cfg = LesionTrainConfig.from_yaml(config) if config else LesionTrainConfig()
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return LesionTrainConfig(**{**cfg.to_dict(), **given}) if given else cfg
-
-
 def _check_dataset_dir(data: Path) -> None:
     if not data.exists():
         raise InputError(f"{data}: no such dataset folder")
@@ -686,10 +677,10 @@ def lesion_train(
     validation (Dice, IoU, lesion recall / precision / F1, HD95 in mm) written to OUT/metrics.csv and
     TensorBoard; early stopping on validation Dice; OUT/best and OUT/last are model folders.
     """
-    from irisseg.training.lesion import train_lesion
+    from irisseg.training.lesion import LesionTrainConfig, train_lesion
 
     _check_dataset_dir(data)
-    cfg = _lesion_config(config, loss=loss, patch=patch, epochs=epochs)
+    cfg = LesionTrainConfig.with_overrides(config, loss=loss, patch=patch, epochs=epochs)
     run = train_lesion(cfg, data, out, resume=resume, device=device)
     _print_lesion_history(run)
 
@@ -839,11 +830,11 @@ def lesion_ablate(
     dice_curve.png, loss_curve.png, ablation_val_dice.png, ablation_val_recall.png and
     overlay_<case>.png (image / reference / each loss's prediction) for a few validation cases.
     """
-    from irisseg.training.lesion import ablate_losses
+    from irisseg.training.lesion import LesionTrainConfig, ablate_losses
 
     _check_dataset_dir(data)
     names = _split_names([losses]) or []
-    cfg = _lesion_config(config, patch=patch, epochs=epochs)
+    cfg = LesionTrainConfig.with_overrides(config, patch=patch, epochs=epochs)
     rows = ablate_losses(cfg, data, names, out, device=device)
     table = Table(title="irisseg lesion ablate: validation at each loss's best epoch (lesion-wise recall, "
                         "precision, F1; HD95 mm)", title_justify="left")
@@ -862,15 +853,6 @@ def lesion_ablate(
 territories_app = _command_group(
     "territories", "Dual-channel territory segmentation (two sigmoid channels): 14 architecture x loss "
                    "configurations, training, the ranked experiment matrix, prediction.")
-
-
-def _territory_settings(settings: Path | None, **overrides):
-    """TerritoryTrainConfig from YAML (or defaults) with the command-line overrides that were given."""
-    from irisseg.training.territories import TerritoryTrainConfig
-
-    cfg = TerritoryTrainConfig.from_yaml(settings) if settings else TerritoryTrainConfig()
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return TerritoryTrainConfig(**{**cfg.to_dict(), **given}) if given else cfg
 
 
 def _parse_folds(folds: str) -> list[int]:
@@ -920,11 +902,11 @@ def territories_train(
     epoch ends with whole-volume validation: Dice of each channel at probability 0.5.
     """
     from irisseg.territories import get_experiment
-    from irisseg.training.territories import train_territories
+    from irisseg.training.territories import TerritoryTrainConfig, train_territories
 
     get_experiment(config)
     _check_dataset_dir(data)
-    cfg = _territory_settings(settings, epochs=epochs)
+    cfg = TerritoryTrainConfig.with_overrides(settings, epochs=epochs)
     run = train_territories(config, cfg, data, fold, out, resume=resume, device=device)
     done = json.loads((run / "done.json").read_text()) if (run / "done.json").is_file() else None
     if done:
@@ -955,12 +937,12 @@ def territories_matrix(
     import csv
 
     from irisseg.territories import resolve_experiments
-    from irisseg.training.territories import run_matrix
+    from irisseg.training.territories import TerritoryTrainConfig, run_matrix
 
     chosen = resolve_experiments(configs)
     fold_list = _parse_folds(folds)
     _check_dataset_dir(data)
-    cfg = _territory_settings(settings)
+    cfg = TerritoryTrainConfig.with_overrides(settings)
     paths = run_matrix(data, fold_list, chosen, cfg, out, epochs=epochs, device=device)
     with paths["csv"].open(newline="") as f:
         ranking = list(csv.DictReader(f))
@@ -1051,10 +1033,7 @@ def retrieval_train(
     from irisseg.training.retrieval import RetrievalTrainConfig, train_retrieval
 
     _check_dataset_dir(data)
-    cfg = RetrievalTrainConfig.from_yaml(config) if config else RetrievalTrainConfig()
-    given = {k: v for k, v in {"mode": mode, "epochs": epochs}.items() if v is not None}
-    if given:
-        cfg = RetrievalTrainConfig(**{**cfg.to_dict(), **given})
+    cfg = RetrievalTrainConfig.with_overrides(config, mode=mode, epochs=epochs)
     run = train_retrieval(cfg, data, out, resume=resume, device=device)
     _print_retrieval_history(run)
 

@@ -52,6 +52,18 @@ class YamlConfig:
             raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         return cls(**data)
 
+    @classmethod
+    def with_overrides(cls, path: str | Path | None = None, **overrides):
+        """The config in ``path`` (defaults when None), with every override that is not None applied
+        (command-line options left unset are None, so they keep the file's or the default value).
+
+        Raises:
+          InputError: see :meth:`from_yaml`, and invalid overridden values (the dataclass's own checks).
+        """
+        cfg = cls.from_yaml(path) if path else cls()
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls(**{**cfg.to_dict(), **given}) if given else cfg
+
     def to_dict(self) -> dict:
         return asdict(self)
 
