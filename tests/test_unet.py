@@ -161,3 +161,35 @@ def test_a_few_sgd_steps_lower_the_loss_on_a_blob():
         losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_instance_norm_equals_torch_instance_norm_and_keeps_channels_last(dims):
+    from irisseg.models.blocks import InstanceNorm, channels_last
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, *([6, 7, 8][:dims]))
+    ours = InstanceNorm(5)
+    ref = (torch.nn.InstanceNorm3d if dims == 3 else torch.nn.InstanceNorm2d)(5, affine=True)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    ref.load_state_dict(ours.state_dict())  # same parameter names and shapes
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+    y = ours(channels_last(x))
+    if dims == 3:  # 3D goes channels-last (faster on the CPU); 2D stays as it is (measured slower)
+        assert y.is_contiguous(memory_format=torch.channels_last_3d) and not y.is_contiguous()
+    else:
+        assert y.is_contiguous()
+    torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_residual_unet_output_does_not_depend_on_memory_format():
+    torch.manual_seed(0)
+    net = ResidualUNet(UNetConfig(in_channels=2, out_channels=1, channels=(4, 8)))
+    net.eval()
+    x = torch.randn(1, 2, 12, 10, 8)
+    with torch.no_grad():
+        a = net(x)
+        b = net(x.contiguous(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
