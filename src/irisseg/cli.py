@@ -366,6 +366,47 @@ def _read_supports(supports: list[Path] | None, masks: list[Path] | None):
     return images, maps, names
 
 
+def _label_values(labels: list[str] | None) -> list[int] | None:
+    """``--label`` values without ``--bank``: integers (label ids of the support masks)."""
+    if not labels:
+        return None
+    values = []
+    for text in labels:
+        try:
+            values.append(int(text))
+        except ValueError:
+            raise InputError(f"--label {text!r}: give the label's integer value in the support masks (a finding "
+                             f"name such as {text!r} goes with --bank INDEX)") from None
+    return values
+
+
+def _open_bank(bank: Path):
+    """``(index, embedding network)`` of ``--bank`` (the network named in the index, weights checked)."""
+    from irisseg.retrieval import CaseIndex, query_model
+
+    index = CaseIndex.load(bank)
+    return index, query_model(index, None)
+
+
+def _retrieved_supports(seg, retrieval, volume, query_path: Path, label: str, shots: int) -> None:
+    """Choose the query's supports in the bank (:func:`irisseg.retrieval.select_supports`), encode them."""
+    from irisseg.io import read_mask, read_volume
+    from irisseg.retrieval import select_supports
+
+    index, net = retrieval
+    hits, value = select_supports(index, net, volume, label, shots, query_paths=[query_path], device=seg.device)
+    images, masks, names = [], [], []
+    for hit in hits:
+        image = read_volume(hit.paths[0])
+        masks.append(read_mask(hit.mask, reference=image, reference_name=hit.paths[0], allow_empty=True))
+        images.append(image)
+        names.append((hit.paths[0], hit.mask))
+    seg.set_support(images, masks, labels=[value], names=names)
+    console.print(f"{query_path.name}: {label} (label {value}) from "
+                  + ", ".join(f"{h.case_id} ({h.score:.3f})" for h in hits)
+                  + f"; encoding {seg.timings['support']:.2f} s")
+
+
 def _segment_targets(queries: list[Path], out: Path) -> list[Path]:
     """Output path of each query: OUT itself (one query, OUT with a volume ending) or OUT/<stem>_seg.nii.gz."""
     from irisseg.io import volume_suffix
@@ -431,19 +472,25 @@ def segment(
     model: Annotated[str, typer.Option("--model", help="'starter' (packaged weights) or a trained model / run folder.")] = "starter",
     strategy: Annotated[str, typer.Option("--strategy", help="one-shot | ensemble | tune | memory")] = "ensemble",
     class_names: Annotated[list[str] | None, typer.Option("--class", help="Stored class to segment, --strategy memory only (repeatable).")] = None,
-    label: Annotated[list[int] | None, typer.Option("--label", help="Label of the support masks to segment (repeatable: one output label each).")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", help="Label value of the support masks to segment (repeatable: one output label each); with --bank, the finding name to segment (once).")] = None,
+    bank: Annotated[Path | None, typer.Option("--bank", help="Case index of a labelled collection ('irisseg retrieval index'): the supports are, per query, its --shots cases most similar to the query that carry --label NAME.")] = None,
+    shots: Annotated[int, typer.Option("--shots", min=1, help="Supports retrieved from --bank per query.")] = 1,
     tune_steps: Annotated[int, typer.Option("--tune-steps", min=0, help="Adam steps of --strategy tune.")] = 10,
     threshold: Annotated[float, typer.Option("--threshold", help="Foreground probability threshold, in (0, 1).")] = 0.5,
     tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation: supports and query mirrored together along the 8 axis combinations, probabilities averaged (about 8x slower; not with --strategy memory).")] = False,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write float32 probability maps (<out>_prob[_<label>]).")] = False,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto (bf16 autocast on cuda).")] = "cpu",
 ) -> None:
-    """Segment queries by example: from labelled supports, or from a class stored in the model's memory.
+    """Segment queries by example: from labelled supports, from retrieved supports, or from a stored class.
 
     Supports and queries may have any shape, spacing, origin and direction; each output is a label map in
     its query's exact geometry (uint8: 0 background, 1 for a binary support mask, or the --label values).
     A multi-label support mask needs --label. --strategy memory takes --class instead of supports.
-    Outputs are written only once every query has been segmented; bad input writes nothing.
+    --bank INDEX --label NAME --shots K takes no supports: for each query the K cases of the index most
+    similar to it (cosine of the retrieval embeddings) that carry finding NAME are its supports (their
+    images and label maps, mask = NAME's id, which labels the output); a query that is itself in the index
+    never supports itself. Outputs are written only once every query has been segmented; bad input writes
+    nothing.
     """
     import shutil
     import time
@@ -453,6 +500,14 @@ def segment(
 
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy: unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    if bank is not None:
+        if support or support_mask or class_names or strategy == "memory":
+            raise InputError("--bank retrieves the supports: give no --support/--support-mask/--class and no "
+                             "--strategy memory")
+        if not label or len(label) != 1:
+            raise InputError("--bank needs one --label NAME: the finding to segment (a finding name of the index)")
+    else:
+        label = _label_values(label)
     if strategy == "memory":
         if tta:
             raise InputError("--tta mirrors the supports with the query: --strategy memory has no support to mirror")
@@ -462,11 +517,12 @@ def segment(
             raise InputError("--strategy memory takes no --support/--support-mask (the classes come from the model's memory)")
         if label and len(label) != len(class_names):
             raise InputError(f"{len(label)} --label value(s) for {len(class_names)} --class name(s): give one label per class")
-    else:
+    elif bank is None:
         if class_names:
             raise InputError("--class is only used with --strategy memory (store a class with 'irisseg memory add')")
         if not support and not support_mask:
-            raise InputError("give --support IMAGE --support-mask MASK (repeatable), or use --strategy memory --class NAME")
+            raise InputError("give --support IMAGE --support-mask MASK (repeatable), --bank INDEX --label NAME, "
+                             "or --strategy memory --class NAME")
     targets = _segment_targets(query, out)
     inputs = {Path(p).absolute() for p in [*query, *(support or []), *(support_mask or [])]}
     for q in query:
@@ -475,6 +531,7 @@ def segment(
     for t in targets:
         if t.absolute() in inputs:
             raise InputError(f"--out {t}: would overwrite an input file")
+    retrieval = _open_bank(bank) if bank is not None else None
     images, masks, names = _read_supports(support, support_mask)
 
     net = load_model(model, device=device)
@@ -482,13 +539,14 @@ def segment(
                               tta=tta)
     if strategy == "memory":
         seg.set_memory(class_names, labels=label)
-    else:
+    elif retrieval is None:
         seg.set_support(images, masks, labels=label, names=names)
-    console.print(
-        f"task: {strategy}, {len(images) if images else 'no'} support(s), classes "
-        f"{', '.join(seg.class_names or [str(v) for v in seg.labels])}; encoding {seg.timings['support']:.2f} s"
-        + (f", tuning {seg.timings['tune']:.2f} s" if strategy == "tune" else "")
-    )
+    if retrieval is None:
+        console.print(
+            f"task: {strategy}, {len(images) if images else 'no'} support(s), classes "
+            f"{', '.join(seg.class_names or [str(v) for v in seg.labels])}; encoding {seg.timings['support']:.2f} s"
+            + (f", tuning {seg.timings['tune']:.2f} s" if strategy == "tune" else "")
+        )
 
     staging = _staging_dir(targets[0].parent)
     rows, files = [], []  # files: (staged path, final path)
@@ -496,6 +554,8 @@ def segment(
         for q, target in zip(query, targets, strict=True):
             t0 = time.perf_counter()
             volume = read_volume(q)
+            if retrieval is not None:
+                _retrieved_supports(seg, retrieval, volume, q, label[0], shots)
             probs = seg.predict_probabilities(volume, name=str(q))
             labels_vol = seg.labels_from_probabilities(probs)
             staged = write_volume(labels_vol, staging / f"{len(files)}" / target.name)

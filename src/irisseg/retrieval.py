@@ -59,7 +59,7 @@ import numpy as np
 from irisseg.errors import InputError
 
 __all__ = [
-    "Hit", "CaseIndex", "build_index", "search_cases", "evaluate_index", "embed_cases",
+    "Hit", "CaseIndex", "build_index", "search_cases", "select_supports", "evaluate_index", "embed_cases",
     "load_embedding_model", "resolve_model_folder", "model_grid", "query_model", "check_index_target",
     "INDEX_FILE", "CASES_FILE", "META_FILE", "VECTORS_FILE", "DEFAULT_GRID", "MIN_APPROXIMATE_CASES",
 ]
@@ -102,6 +102,7 @@ class Hit:
       rank (int): 1 for the nearest case.
       paths (list[str]): the case's image files, absolute, in channel order.
       findings (list[str]): the names of the case's findings.
+      mask (str | None): the case's label map (absolute), None when the index has none for it.
     """
 
     case_id: str
@@ -109,6 +110,7 @@ class Hit:
     rank: int
     paths: list[str]
     findings: list[str]
+    mask: str | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -191,8 +193,11 @@ class CaseIndex:
 
     Attributes:
       kind (str): ``"exact"`` or ``"ivfpq"``.
-      case_ids (list[str]), paths (list[list[str]]), labels (np.ndarray (N, L) uint8): the records, in the
-        order the cases were added (FAISS id ``i`` is record ``i``).
+      case_ids (list[str]), paths (list[list[str]]), labels (np.ndarray (N, L) uint8), masks
+        (list[str | None]: label map files, absolute): the records, in the order the cases were added
+        (FAISS id ``i`` is record ``i``).
+      label_values (dict[str, int]): finding name -> its id in the records' label maps (the findings whose
+        masks can serve as supports, :func:`select_supports`).
       recall_at_10 (float | None): ``ivfpq``: the measured recall@10 against exact search (None for exact).
     """
 
@@ -220,6 +225,8 @@ class CaseIndex:
         self.model_info = dict(model_info or {})
         self.case_ids: list[str] = []
         self.paths: list[list[str]] = []
+        self.masks: list[str | None] = []
+        self.label_values: dict[str, int] = {}
         self.labels = np.zeros((0, len(self.names)), dtype=np.uint8)
         self._position: dict[str, int] = {}
         self._vectors = np.zeros((0, self.dim), dtype=np.float32) if self.kind == "ivfpq" else None
@@ -295,8 +302,8 @@ class CaseIndex:
         return [n for n, v in zip(self.names, self.labels[i]) if v]
 
     # -- adding --------------------------------------------------------------------------------------------
-    def add(self, embeddings, case_ids: Sequence[str], paths: Sequence, labels, names: Sequence[str] | None = None
-            ) -> None:
+    def add(self, embeddings, case_ids: Sequence[str], paths: Sequence, labels, names: Sequence[str] | None = None,
+            masks: Sequence | None = None, label_values: dict[str, int] | None = None) -> None:
         """Add cases (all or nothing: every check runs before anything changes).
 
         Arguments:
@@ -307,6 +314,9 @@ class CaseIndex:
           labels (np.ndarray): (n, L) binary (0/1 or bool) findings over :attr:`names`.
           names (Sequence[str] | None): the finding names of ``labels``; when given they must equal the
             index's (same names, same order).
+          masks (Sequence | None): n label map files (or None entries), stored as absolute strings.
+          label_values (dict[str, int] | None): finding name -> id in the label maps; merged into
+            :attr:`label_values` (a name already there must keep its id).
 
         Raises:
           InputError: shapes that do not fit, non-binary labels, ids already present or repeated, other
@@ -338,6 +348,17 @@ class CaseIndex:
         if lab.size and not np.isin(lab, (0, 1)).all():
             raise InputError("labels must be binary (0/1 or bool)")
         lab = lab.astype(np.uint8)
+        masks = [None] * n if masks is None else [None if m is None else os.path.abspath(m) for m in masks]
+        if len(masks) != n:
+            raise InputError(f"got {n} embeddings but {len(masks)} mask entries")
+        values = {str(k): int(v) for k, v in (label_values or {}).items()}
+        unknown = sorted(set(values) - set(self.names))
+        if unknown:
+            raise InputError(f"label_values name(s) {', '.join(unknown)} that are not findings of the index")
+        changed = sorted(k for k, v in values.items() if self.label_values.get(k, v) != v)
+        if changed:
+            raise InputError(f"label id of {', '.join(changed)} differs from the index's "
+                             f"({', '.join(f'{k}={self.label_values[k]}' for k in changed)})")
         if n == 0:
             return
         if self.kind == "ivfpq" and self._index is None:
@@ -348,6 +369,8 @@ class CaseIndex:
         start = len(self.case_ids)
         self.case_ids.extend(ids)
         self.paths.extend(paths)
+        self.masks.extend(masks)
+        self.label_values.update(values)
         self.labels = np.concatenate([self.labels, lab])
         self._position.update({c: start + i for i, c in enumerate(ids)})
         if self.kind == "ivfpq":
@@ -452,7 +475,7 @@ class CaseIndex:
             raise InputError(f"k must be a positive integer, got {k}")
         queries = _as_unit_rows(query_embeddings, self.dim, "query embeddings")
         results = self._search_positions(queries, int(k), self._exclusions(exclude, len(queries)))
-        return [[Hit(self.case_ids[p], float(s), r + 1, list(self.paths[p]), self.findings_of(p))
+        return [[Hit(self.case_ids[p], float(s), r + 1, list(self.paths[p]), self.findings_of(p), self.masks[p])
                  for r, (p, s) in enumerate(zip(pos, sc))] for pos, sc in results]
 
     # -- persistence ---------------------------------------------------------------------------------------
@@ -468,6 +491,7 @@ class CaseIndex:
             "dim": self.dim,
             "n_cases": len(self),
             "names": list(self.names),
+            "label_values": dict(self.label_values),
             "model": info.get("model"),
             "model_sha256": info.get("model_sha256"),
             "grid": info.get("grid"),
@@ -487,7 +511,7 @@ class CaseIndex:
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the index folder atomically: files go to a staging folder beside it, then it is renamed.
 
-        Files: ``index.faiss``, ``cases.json`` (``{"cases": [{"case_id", "paths", "labels"}]}``),
+        Files: ``index.faiss``, ``cases.json`` (``{"cases": [{"case_id", "paths", "labels", "mask"}]}``),
         ``meta.json`` (:meth:`metadata`) and, for ``ivfpq``, ``vectors.npy``. An existing index folder is
         replaced (moved aside, the new one renamed in, the old one deleted); any other existing non-empty
         folder, or a file, is refused.
@@ -515,8 +539,8 @@ class CaseIndex:
             faiss.write_index(self._index, str(staging / INDEX_FILE))
             if self.kind == "ivfpq":
                 np.save(staging / VECTORS_FILE, self._vectors, allow_pickle=False)
-            records = [{"case_id": c, "paths": p, "labels": lab.tolist()}
-                       for c, p, lab in zip(self.case_ids, self.paths, self.labels)]
+            records = [{"case_id": c, "paths": p, "labels": lab.tolist(), "mask": m}
+                       for c, p, lab, m in zip(self.case_ids, self.paths, self.labels, self.masks)]
             (staging / CASES_FILE).write_text(json.dumps({"cases": records}))
             (staging / META_FILE).write_text(json.dumps(self.metadata(), indent=2))
             if folder.exists():
@@ -558,7 +582,9 @@ class CaseIndex:
             ids = [str(r["case_id"]) for r in records]
             paths = [[str(p) for p in r["paths"]] for r in records]
             labels = np.array([r["labels"] for r in records], dtype=np.int64).reshape(len(records), len(names))
-        except (KeyError, TypeError, ValueError):
+            masks = [None if r.get("mask") is None else str(r["mask"]) for r in records]
+            label_values = {str(k): int(v) for k, v in (meta.get("label_values") or {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise InputError(f"{folder}: {CASES_FILE} or {META_FILE} lacks entries or holds wrong values") from None
         try:
             index = faiss.read_index(str(folder / INDEX_FILE))
@@ -595,6 +621,7 @@ class CaseIndex:
             out.recall_nprobe = meta.get("recall_nprobe")
             out.recall_queries = int(meta.get("recall_queries") or 0)
         out.case_ids, out.paths, out.labels = ids, paths, labels.astype(np.uint8)
+        out.masks, out.label_values = masks, {k: v for k, v in label_values.items() if k in names}
         out._position = {c: i for i, c in enumerate(ids)}
         return out
 
@@ -813,7 +840,8 @@ def build_index(model: str | os.PathLike, data: str | os.PathLike, out: str | os
     t_embed = time.perf_counter()
     vectors = embed_cases(net, [table.image_paths[i] for i in new], grid, batch_size=batch_size, device=device)
     embed_seconds = time.perf_counter() - t_embed
-    index.add(vectors, [ids[i] for i in new], [paths[i] for i in new], table.labels[new], names=table.names)
+    index.add(vectors, [ids[i] for i in new], [paths[i] for i in new], table.labels[new], names=table.names,
+              masks=[table.label_paths[i] for i in new], label_values=table.label_values)
     index.save(out)
     index.build_info = {"added": len(new), "skipped": skipped, "seconds": time.perf_counter() - t0,
                         "embed_seconds": embed_seconds}
@@ -886,6 +914,66 @@ def search_cases(index: CaseIndex, model, query, k: int = 10, exclude=None, devi
     x = _model_input(channels, _index_grid(index, net), "query", in_channels)
     vector = embed(net, [x], batch_size=1, device=_resolve_device(device))
     return index.search(vector, k, exclude=[exclude] if exclude is not None else None)
+
+
+def select_supports(index: CaseIndex, model, query, label: str, shots: int, exclude=None, query_paths=None,
+                    device="cpu") -> tuple[list[Hit], int]:
+    """The ``shots`` cases of the index most similar to a query that carry finding ``label`` and have a mask:
+    the supports of in-context segmentation by retrieval (``irisseg segment --bank INDEX --label NAME``).
+
+    Arguments:
+      index (CaseIndex): an index built from a labelled collection (:func:`build_index` stores each case's
+        label map and the label ids of ``dataset.json``).
+      model (EmbeddingNet | str | PathLike | None): the embedding model (None: the index's, as
+        :func:`search_cases`).
+      query (Volume | Sequence[Volume]): the query image's channels, any geometry.
+      label (str): a finding name of the index (e.g. ``"nodule"``).
+      shots (int): supports wanted (K >= 1).
+      exclude (Iterable[str] | None): case ids never chosen.
+      query_paths (Iterable[str | PathLike] | None): the query's files: a case holding one of them (a query
+        taken from the bank itself) is never chosen.
+      device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+
+    Returns:
+      tuple[list[Hit], int]: the K hits, most similar first (``hit.paths`` its image channels, ``hit.mask``
+      its label map), and the id of ``label`` in those label maps (``mask == value`` is the support mask).
+
+    Raises:
+      InputError: an unknown finding, an index without masks or label ids for it, fewer than K eligible
+        cases, or a bad query (as :func:`search_cases`).
+    """
+    from irisseg.io import Volume
+
+    if label not in index.names:
+        raise InputError(f"--label {label!r}: not a finding of the index (its findings: {', '.join(index.names)})")
+    if label not in index.label_values:
+        raise InputError(f"the index knows no label id for {label!r} in its cases' masks (rebuild it with "
+                         f"'irisseg retrieval index' from a dataset whose dataset.json declares {label!r})")
+    if int(shots) != shots or int(shots) < 1:
+        raise InputError(f"--shots must be a positive integer, got {shots}")
+    shots = int(shots)
+    channels = [query] if isinstance(query, Volume) else list(query)
+    own = {os.path.abspath(p) for p in (query_paths or ())}
+    k = index.names.index(label)
+    excluded = set(exclude or ()) | {c for c, p in zip(index.case_ids, index.paths) if own & set(p)}
+    eligible = [i for i in range(len(index)) if index.labels[i, k] and index.masks[i]
+                and index.case_ids[i] not in excluded]
+    if len(eligible) < shots:
+        raise InputError(f"--shots {shots}: only {len(eligible)} case(s) of the index carry {label!r} with a mask")
+    net = query_model(index, model)
+    # Search deeper until K eligible cases are among the hits (every case at worst).
+    depth = min(len(index), max(8 * shots, 32))
+    while True:
+        hits = search_cases(index, net, channels, k=depth, exclude=sorted(excluded), device=device)[0]
+        chosen = [h for h in hits if label in h.findings and h.mask][:shots]
+        if len(chosen) == shots or depth >= len(index):
+            break
+        depth = min(len(index), 4 * depth)
+    if len(chosen) < shots:  # an approximate index may miss some cases in its probed lists
+        raise InputError(f"--shots {shots}: the search found only {len(chosen)} case(s) with {label!r}; "
+                         f"raise the index's nprobe or use an exact index")
+    return [Hit(h.case_id, h.score, r + 1, h.paths, h.findings, h.mask) for r, h in enumerate(chosen)], \
+        index.label_values[label]
 
 
 def _ranking(index: CaseIndex, queries: np.ndarray, k: int, excluded: np.ndarray) -> tuple[np.ndarray, int]:

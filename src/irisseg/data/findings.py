@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,12 @@ class FindingsTable:
       labels (np.ndarray): uint8 (N, L) multi-hot: ``labels[i, k] == 1`` when case i carries finding k.
       names (list[str]): the L finding names.
       source (str): ``"findings.csv"`` or ``"label maps"``.
+      label_paths (list[Path | None]): per case its label map (``labelsTr/<case>``), None when it has none.
+      label_values (dict[str, int]): finding name -> its id in the label maps, for the findings that
+        ``dataset.json`` declares as labels (all of them when the findings come from the label maps; with
+        ``findings.csv``, the columns named like a declared label). Support selection for in-context
+        segmentation (:func:`irisseg.retrieval.select_supports`) cuts a finding's mask out of a label map
+        with it.
     """
 
     root: Path
@@ -50,6 +56,12 @@ class FindingsTable:
     labels: np.ndarray
     names: list[str]
     source: str
+    label_paths: list[Path | None] = field(default_factory=list)
+    label_values: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.label_paths:
+            self.label_paths = [None] * len(self.case_ids)
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -62,7 +74,8 @@ class FindingsTable:
             raise InputError(f"{self.root}: unknown case id(s) {', '.join(missing[:5])}")
         rows = [index[c] for c in case_ids]
         return FindingsTable(self.root, list(case_ids), [self.image_paths[i] for i in rows],
-                             self.labels[rows], list(self.names), self.source)
+                             self.labels[rows], list(self.names), self.source,
+                             [self.label_paths[i] for i in rows], dict(self.label_values))
 
     def findings_of(self, i: int) -> list[str]:
         """The names of case i's findings."""
@@ -124,12 +137,15 @@ def load_findings(data: str | os.PathLike, min_voxels: int = 1) -> FindingsTable
         raise InputError(f"{root}: no labelled case")
     ids = [c.case_id for c in cases]
     paths = [list(c.image_paths) for c in cases]
+    label_paths = [c.label_path for c in cases]
+    items = sorted(((v if isinstance(v, int) else v[0]), k) for k, v in dataset.labels.items()
+                   if (v if isinstance(v, int) else v[0]) != 0)
+    declared = {name: int(v) for v, name in items}
     table = root / FINDINGS_CSV
     if table.is_file():
         labels, names = _from_csv(table, ids)
-        return FindingsTable(root, ids, paths, labels, names, FINDINGS_CSV)
-    items = sorted(((v if isinstance(v, int) else v[0]), k) for k, v in dataset.labels.items()
-                   if (v if isinstance(v, int) else v[0]) != 0)
+        return FindingsTable(root, ids, paths, labels, names, FINDINGS_CSV, label_paths,
+                             {n: declared[n] for n in names if n in declared})
     if not items:
         raise InputError(f"{root}: dataset.json declares no label besides background")
     ids_of = np.array([v for v, _ in items])
@@ -138,7 +154,7 @@ def load_findings(data: str | os.PathLike, min_voxels: int = 1) -> FindingsTable
         counts = np.bincount(np.asarray(case.load_label().array, dtype=np.int64).ravel().clip(0),
                              minlength=int(ids_of.max()) + 1)
         labels[i] = counts[ids_of] >= int(min_voxels)
-    return FindingsTable(root, ids, paths, labels, [n for _, n in items], "label maps")
+    return FindingsTable(root, ids, paths, labels, [n for _, n in items], "label maps", label_paths, declared)
 
 
 def retrieval_input(image: Volume | Sequence[Volume], shape: Sequence[int] = (64, 64, 64)) -> np.ndarray:
