@@ -104,6 +104,12 @@ def _bad_inputs(tmp_path, pair):
                                              "--protocol applies to --mode lesion only")
     cases["unknown protocol"] = (["synth", "--mode", "lesion", "--protocol", "pd", "--out", tmp_path / "s"],
                                  "option protocol must be one of")
+    cases["findings outside findings mode"] = (["synth", "--mode", "lesion", "--findings", "1-2", "--out", tmp_path / "s"],
+                                               "--findings applies to --mode findings only")
+    cases["bad findings range"] = (["synth", "--mode", "findings", "--findings", "one", "--out", tmp_path / "s"],
+                                   "--findings 'one': give MIN-MAX")
+    cases["findings out of range"] = (["synth", "--mode", "findings", "--findings", "1-9", "--out", tmp_path / "s"],
+                                      "max_findings")
     cases["bad labels option"] = (["metrics", "--pred", ref, "--ref", ref, "--labels", "a,b"], "--labels")
     cases["missing option"] = (["metrics", "--pred", ref], "Missing option '--ref'")
     cases["image as mask"] = (["metrics", "--pred", img, "--ref", ref], "img.nii.gz")

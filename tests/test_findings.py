@@ -52,3 +52,13 @@ def test_retrieval_input_grid_and_normalisation(findings_data):
     x = retrieval_input(case.load_image(), (16, 20, 12))
     assert x.shape == (1, 16, 20, 12) and x.dtype == np.float32
     assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05  # z-scored, then resampled
+
+
+def test_synth_findings_option_sets_how_many_findings_per_case(tmp_path):
+    from irisseg.cli import main
+
+    root = tmp_path / "two"
+    assert main(["synth", "--mode", "findings", "--cases", "6", "--shape", "16", "--seed", "3", "--findings", "1-2",
+                 "--out", str(root)]) == 0
+    counts = load_findings(root).labels.sum(1)
+    assert counts.min() >= 1 and counts.max() <= 2

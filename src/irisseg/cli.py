@@ -158,6 +158,8 @@ def synth(
     channels: Annotated[int | None, typer.Option("--channels", min=1, help="Image channels (territories mode).")] = None,
     protocol: Annotated[str | None, typer.Option(
         "--protocol", help="Lesion mode: flair (bright lesions, default) | t1 (dark lesions) | random (any contrast).")] = None,
+    findings: Annotated[str | None, typer.Option(
+        "--findings", help="Findings mode: how many finding types per case, MIN-MAX (default 1-6) or N.")] = None,
 ) -> None:
     """Write a synthetic, domain-randomised nnU-Net-style dataset (imagesTr/, labelsTr/, dataset.json).
 
@@ -173,6 +175,14 @@ def synth(
         if mode != "lesion":
             raise InputError(f"--protocol applies to --mode lesion only, not {mode!r}")
         options["protocol"] = protocol
+    if findings is not None:
+        if mode != "findings":
+            raise InputError(f"--findings applies to --mode findings only, not {mode!r}")
+        try:
+            low, _, high = findings.partition("-")
+            options["min_findings"], options["max_findings"] = int(low), int(high or low)
+        except ValueError:
+            raise InputError(f"--findings {findings!r}: give MIN-MAX (e.g. 1-2) or one number") from None
     with console.status(f"generating {cases} {mode} cases at {shape}^3 ..."):
         root = generate_dataset(
             out, mode=mode, cases=cases, shape=shape, seed=seed,
