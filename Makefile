@@ -14,7 +14,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	# torch first, pinned: the CPU wheel already on disk on the project machines.
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[test,retrieval,tensorboard]"
+	$(BIN)/pip install -e ".[test,retrieval,tensorboard,apptest]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1273,6 +1273,31 @@ def retrieval_evaluate(
                       f"case and are left out of the means")
 
 
+# --- app command (issue 7) ---
+@app.command("app")
+def app_command(
+    host: Annotated[str, typer.Option("--host", help="Interface to bind: 127.0.0.1 (this machine only) or 0.0.0.0 (the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 7860,
+    model: Annotated[str, typer.Option("--model", help="'starter' (packaged weights) or a trained model / run folder.")] = "starter",
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "cpu",
+    index: Annotated[Path | None, typer.Option("--index", help="Case index ('irisseg retrieval index'): adds a similar-case search tab.")] = None,
+    max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", min=1, help="Largest accepted upload, MB.")] = 512,
+) -> None:
+    """Serve the web app: segment by example in the browser, view slices with overlays, download the result.
+
+    Needs the optional 'app' extra of irisseg (Gradio). Open the printed URL; stop with Ctrl+C. Each browser
+    connection's files live in their own temporary folder, removed when its tab closes.
+    """
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise InputError("the web app needs the 'app' extra: pip install 'irisseg[app]'") from None
+    from irisseg.app import launch
+
+    launch(host=host, port=port, model=model, device=device, index=index, max_upload_mb=max_upload_mb)
+# --- end app command ---
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 on success, 2 for bad input or bad usage, 130 if interrupted.
 
