@@ -25,6 +25,7 @@ from irisseg.app import (  # noqa: E402
     PRED_RGB,
     Session,
     SessionStore,
+    build_app,
     example_task,
     render_slice,
     safe_extract_zip,
@@ -239,3 +240,35 @@ def test_corrupt_upload_shows_error_then_example_runs(server, browser):
     page.close()
     _wait_removed(folder)
     other.close()
+
+
+def test_similar_cases_tab_searches_the_index(tmp_path):
+    """With --index the app serves a search endpoint: ranked hits from the index, one-line errors."""
+    import torch
+    from gradio_client import Client, handle_file
+
+    from irisseg.data.synthetic import generate_dataset
+    from irisseg.models.embedding import EmbeddingConfig, EmbeddingNet
+    from irisseg.retrieval import build_index
+
+    data = generate_dataset(tmp_path / "data", "findings", 6, shape=16, seed=4)
+    torch.manual_seed(0)
+    EmbeddingNet(EmbeddingConfig(channels=(4, 8), embedding_dim=16,
+                                 extra={"retrieval": {"grid": [16, 16, 16]}})).save(tmp_path / "run" / "best")
+    build_index(tmp_path / "run", data, tmp_path / "index")
+    demo = build_app(index=tmp_path / "index", store=SessionStore(tmp_path / "sessions"))
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        query = data / "imagesTr" / "case_0002_0000.nii.gz"
+        status, table = client.predict([handle_file(str(query))], 3, api_name="/search")
+        assert status.startswith("3 similar case")
+        assert [row[0] for row in table["data"]] == [1, 2, 3]
+        assert table["data"][0][1] == "case_0002" and table["data"][0][2] == pytest.approx(1.0, abs=1e-3)
+        bad = tmp_path / "notes.txt"
+        bad.write_text("not an image")
+        status, _ = client.predict([handle_file(str(bad))], 3, api_name="/search")
+        assert "unsupported file type" in status and "\n" not in status.strip()
+    finally:
+        demo.close()
