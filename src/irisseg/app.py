@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from irisseg.errors import InputError
+from irisseg.viz import intensity_window
 
 log = logging.getLogger(__name__)
 
@@ -243,15 +244,6 @@ def _read_staged(path: Path, shown: str, reader, **kwargs):
 # ---------------------------------------------------------------------------------------------------
 # slice rendering
 # ---------------------------------------------------------------------------------------------------
-def intensity_window(image: np.ndarray) -> tuple[float, float]:
-    """Display window (low, high) of a volume: its 0.5th and 99.5th percentiles over finite voxels."""
-    finite = image[np.isfinite(image)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    lo, hi = np.percentile(finite, [0.5, 99.5])
-    return float(lo), float(hi if hi > lo else lo + 1.0)
-
-
 def plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     """One slice of a (D, H, W) volume as shown on screen (rows top to bottom).
 

@@ -19,7 +19,7 @@ import numpy as np
 from irisseg.errors import InputError
 
 __all__ = ["triplanar_overlay", "triplanar_overlays", "draw_triplanar", "as_mask_dict", "mask_centre", "line_plot",
-           "bar_chart"]
+           "bar_chart", "intensity_window"]
 
 #: Overlay colours: masks of a dict in their order, label ``k`` of a label map gets ``COLOURS[k - 1]``.
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
@@ -87,7 +87,9 @@ def _slices(volume: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
     return [volume[z], volume[:, y, :], volume[:, :, x]]
 
 
-def _window(image: np.ndarray) -> tuple[float, float]:
+def intensity_window(image: np.ndarray) -> tuple[float, float]:
+    """Display window (low, high) of an image: its 0.5th and 99.5th percentiles over finite voxels
+    ((0, 1) when none is finite; high > low always)."""
     finite = image[np.isfinite(image)]
     if finite.size == 0:
         return 0.0, 1.0
@@ -134,7 +136,7 @@ def draw_triplanar(axes: Sequence, image: np.ndarray, masks: MaskInput = None, s
     sx, sy, sz = (1.0, 1.0, 1.0) if spacing is None else (float(s) for s in spacing)
     aspects = (sy / sx, sz / sx, sz / sy)
     origins = ("upper", "lower", "lower")
-    vmin, vmax = _window(image.astype(np.float32, copy=False))
+    vmin, vmax = intensity_window(image.astype(np.float32, copy=False))
     names = [f"axial z={centre[0]}", f"coronal y={centre[1]}", f"sagittal x={centre[2]}"]
     mask_slices = {name: _slices(mask, centre) for name, mask in overlays.items()}
     for v, (ax, plane) in enumerate(zip(axes, _slices(image, centre), strict=True)):
