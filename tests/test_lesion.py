@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from irisseg.cli import main
+from irisseg.errors import InputError
 from irisseg.io import Volume, read_volume, same_geometry, write_volume
 from irisseg.lesion import LesionPredictor, case_metrics, normalize_channels, sliding_window_logits
 from irisseg.models.unet import ResidualUNet, UNetConfig
@@ -150,7 +151,7 @@ class _FirstEpoch(L.Callback):
 
 
 def test_a_killed_run_resumes_from_the_last_epoch(tmp_path, dataset):
-    cfg = LesionTrainConfig(**{**TINY, "epochs": 3})
+    cfg = LesionTrainConfig(**{**TINY, "epochs": 3, "ema_decay": 0.9})  # the weight average resumes too
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="killed"):
         train_lesion(cfg, dataset, run, device="cpu", progress=False, callbacks=[_CrashAt(2)])
@@ -159,6 +160,38 @@ def test_a_killed_run_resumes_from_the_last_epoch(tmp_path, dataset):
     train_lesion(cfg, dataset, run, resume=True, device="cpu", progress=False, callbacks=[first])
     assert first.first == 2  # continued, not restarted
     assert [r["epoch"] for r in read_metrics_csv(run / "metrics.csv")] == [0, 1, 2]
+
+
+class _Snapshot(L.Callback):
+    """Record the live weights and their moving average after every training batch. Callbacks run before
+    the module's own ``on_train_batch_end``, so ``ema[t]`` holds the average of the updates before step t."""
+
+    def __init__(self):
+        self.live, self.ema = [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.live.append({k: v.detach().clone() for k, v in module.model.state_dict().items()})
+        self.ema.append({k: v.detach().clone() for k, v in module.eval_model.state_dict().items()})
+
+
+def test_weight_average_follows_the_ema_formula_and_is_what_gets_exported(tmp_path, dataset):
+    decay = 0.9
+    cfg = LesionTrainConfig(**{**TINY, "epochs": 1, "steps_per_epoch": 4, "ema_decay": decay})
+    snap = _Snapshot()
+    run = train_lesion(cfg, dataset, tmp_path / "run", device="cpu", progress=False, callbacks=[snap])
+    name = "encoder.0.0.conv1.weight"
+    live = [w[name] for w in snap.live]
+    ema = [w[name] for w in snap.ema][1:]  # the average after steps 0, 1, 2
+    # the first update copies the weights, later ones blend: ema_t = decay * ema_{t-1} + (1 - decay) * w_t
+    assert torch.equal(ema[0], live[0])
+    for t in (1, 2):
+        assert torch.allclose(ema[t], decay * ema[t - 1] + (1 - decay) * live[t], atol=1e-7)
+    final = decay * ema[2] + (1 - decay) * live[3]
+    assert not torch.allclose(final, live[3], atol=1e-5)
+    exported = ResidualUNet.load(run / "last").state_dict()[name]
+    assert torch.allclose(exported, final, atol=1e-7)  # RUN/last holds the average, not the live weights
+    with pytest.raises(InputError, match="ema_decay"):
+        LesionTrainConfig(ema_decay=1.0)
 
 
 def oblique_case(seed: int) -> tuple[Volume, Volume]:

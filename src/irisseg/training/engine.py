@@ -92,6 +92,30 @@ class AnnealedModule(L.LightningModule):
 
     best_val: float = -math.inf
 
+    def setup_ema(self) -> None:
+        """Keep an exponential moving average of ``self.model``'s weights when ``cfg.ema_decay`` is set (> 0).
+
+        After every optimiser step ``ema = decay * ema + (1 - decay) * weights`` (buffers are copied);
+        validation and the exported ``best`` / ``last`` folders then use the averaged copy
+        (:attr:`eval_model`), which is smoother than the last step's weights in a short, noisy run. The copy
+        is a submodule, so it is checkpointed and resumed with the rest. Call after ``self.model`` is set.
+        """
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        decay = float(getattr(self.cfg, "ema_decay", 0.0) or 0.0)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The network validated and exported: the weight average when :meth:`setup_ema` made one, else ``model``."""
+        ema = self._modules.get("ema")  # a submodule (not a plain attribute), so it is checkpointed
+        return ema.module if ema is not None else self.model
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        ema = self._modules.get("ema")
+        if ema is not None:
+            ema.update_parameters(self.model)
+
     def budget_used(self) -> float:
         """Share of the wall-time budget ``max_minutes`` spent so far (0 without one), from Lightning's Timer,
         whose elapsed time is kept across a resume."""
@@ -177,10 +201,11 @@ class RunRecorder(Callback):
         rows = [r for r in read_metrics_csv(self.csv_path) if r["epoch"] < trainer.current_epoch]
         write_csv(self.csv_path, [*rows, row], self.columns)
         extra = self.model_extra({"epoch": trainer.current_epoch, "val": {k: s[k] for k in s if k.startswith("val_")}})
-        module.model.save(self.run_dir / "last", extra=extra)
+        model = getattr(module, "eval_model", module.model)  # the weight average when the run keeps one
+        model.save(self.run_dir / "last", extra=extra)
         if s[self.monitor] > module.best_val:
             module.best_val = s[self.monitor]
-            module.model.save(self.run_dir / "best", extra=extra)
+            model.save(self.run_dir / "best", extra=extra)
             if self.on_best is not None:
                 self.on_best(module)
 

@@ -61,6 +61,8 @@ class LesionTrainConfig(YamlConfig):
         batch (:func:`irisseg.losses.batch_dice`; a lesion-free patch alone gives the soft Dice nothing to learn).
       lr, weight_decay: AdamW; the learning rate follows a cosine schedule over ``epochs`` or over
         ``max_minutes``, whichever runs out first (:meth:`LesionLightning.lr_factor`).
+      ema_decay: keep an exponential moving average of the weights with this decay per step (0: none);
+        validation and the exported models use the average (:meth:`AnnealedModule.setup_ema`).
       epochs: most epochs; steps_per_epoch: optimiser steps per epoch; patience: epochs without a better
         validation Dice before stopping; max_minutes: wall-time budget of the whole run (None: none).
       val_fraction: share of cases held out for validation (split by ``seed``).
@@ -83,6 +85,7 @@ class LesionTrainConfig(YamlConfig):
     batch_dice: bool = True
     lr: float = 2e-3
     weight_decay: float = 1e-5
+    ema_decay: float = 0.0
     epochs: int = 40
     steps_per_epoch: int = 50
     patience: int = 10
@@ -107,6 +110,8 @@ class LesionTrainConfig(YamlConfig):
             raise InputError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
         if not 0.0 < self.val_fraction < 1.0:
             raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise InputError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         self.augmentation = dict(self.augmentation or {})
         self.augment_config()  # unknown or invalid augmentation keys fail here, before any training
 
@@ -184,6 +189,7 @@ class LesionLightning(AnnealedModule):
     def __init__(self, model: torch.nn.Module, cfg: LesionTrainConfig, val_cases: list[PreparedCase]):
         super().__init__()
         self.model, self.cfg, self.val_cases = model, cfg, val_cases
+        self.setup_ema()
         self.loss_fn = make_loss(cfg)
         self.best_val = -math.inf
         self._train_losses: list[float] = []
@@ -208,7 +214,7 @@ class LesionLightning(AnnealedModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         case = self.val_cases[int(batch["index"])]
-        logits = sliding_window_logits(self.model, batch["image"].cpu(), (self.cfg.patch,) * 3, self.cfg.overlap,
+        logits = sliding_window_logits(self.eval_model, batch["image"].cpu(), (self.cfg.patch,) * 3, self.cfg.overlap,
                                        device=self.device)
         label = batch["label"].cpu()
         pred = (torch.sigmoid(logits) > self.cfg.threshold)[0, 0].numpy()
