@@ -315,3 +315,107 @@ def test_cli_retrieval_train_bad_input_is_one_line(capsys, tmp_path, dataset, ti
         assert code == 2
         assert err.startswith("irisseg: error:") and len(err.strip().splitlines()) == 1
         assert not run.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# finding maps (dense auxiliary supervision)
+# ---------------------------------------------------------------------------------------------------
+def test_retrieval_map_codes_findings_on_the_image_grid():
+    from irisseg.data.findings import retrieval_map
+    from irisseg.io import Volume
+
+    label = np.zeros((8, 12, 10), np.uint8)
+    label[2:4, 3:9, 4:8] = 5   # finding 0 has label id 5
+    label[5:7, 0:2, 0:2] = 2   # finding 1 has label id 2
+    label[6, 10, 9] = 9        # an undeclared id stays background
+    vol = Volume(label, spacing=(1.0, 1.5, 2.0), origin=(3.0, -2.0, 7.0), direction=np.eye(3))
+    same = retrieval_map(vol, [5, 2], (8, 12, 10))  # the image's own grid: a pure recoding
+    expected = np.zeros_like(label)
+    expected[label == 5], expected[label == 2] = 1, 2
+    np.testing.assert_array_equal(same, expected)
+    half = retrieval_map(vol, [5, 2], (4, 6, 5))  # half the voxels per axis: nearest neighbour
+    assert half.shape == (4, 6, 5) and half.dtype == np.uint8
+    from irisseg.preprocess import resample
+
+    np.testing.assert_array_equal(half, resample(vol.with_array(expected), shape=(4, 6, 5), kind="label").array)
+    assert set(np.unique(half)) == {0, 1, 2}
+    image = Volume(np.random.default_rng(0).normal(size=label.shape).astype(np.float32), spacing=vol.spacing,
+                   origin=vol.origin, direction=vol.direction)
+    assert retrieval_input(image, (4, 6, 5)).shape[1:] == half.shape  # the same grid as the image's
+
+
+def test_finding_map_loss_pools_targets_by_max_and_is_near_zero_when_perfect():
+    from irisseg.losses import dice_bce_loss, finding_map_loss
+
+    fmap = torch.zeros(2, 8, 8, 8, dtype=torch.long)
+    fmap[0, 1, 1, 1] = 1           # a one-voxel finding 0 in case 0
+    fmap[1, 4:8, 4:8, 4:8] = 2     # a larger finding 1 in case 1
+    target = torch.zeros(2, 2, 4, 4, 4)
+    target[0, 0, 0, 0, 0] = 1      # any covered voxel marks the coarse voxel
+    target[1, 1, 2:, 2:, 2:] = 1
+    perfect = (target * 2 - 1) * 30.0
+    assert finding_map_loss(perfect, fmap).item() < 1e-4
+    logits = torch.randn(2, 2, 4, 4, 4, requires_grad=True)
+    loss = finding_map_loss(logits, fmap)
+    folded = dice_bce_loss(logits.transpose(0, 1).reshape(1, 2, -1), target.transpose(0, 1).reshape(1, 2, -1))
+    assert loss.item() == pytest.approx(folded.item(), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        finding_map_loss(logits, fmap[0])
+
+
+def test_map_head_reads_its_stage_and_leaves_the_embedding_unchanged():
+    from irisseg.models.embedding import EmbeddingConfig
+
+    torch.manual_seed(0)
+    plain = EmbeddingNet(EmbeddingConfig(channels=(4, 8, 8), embedding_dim=8, n_classes=3))
+    mapped = EmbeddingNet(EmbeddingConfig(channels=(4, 8, 8), embedding_dim=8, n_classes=3, map_classes=3,
+                                          map_stage=1))
+    mapped.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 1, 16, 12, 10)
+    a, b = plain.eval()(x), mapped.eval()(x)
+    assert b["maps"].shape == (2, 3, 8, 6, 5) and "maps" not in a
+    torch.testing.assert_close(a["embedding"], b["embedding"])
+    with pytest.raises(InputError, match="map_stage"):
+        EmbeddingConfig(channels=(4, 8), map_classes=2, map_stage=2)
+
+
+def test_cached_maps_follow_the_label_maps_and_the_augmentation(tmp_path, dataset):
+    from irisseg.data.findings import retrieval_map
+    from irisseg.training.retrieval import CachedVolumeDataset
+
+    table = load_findings(dataset)
+    table = table.subset(table.case_ids[:3])
+    cache = build_volume_cache(table, (16, 16, 16), "float16", tmp_path / "cache", maps=True)
+    values = [table.label_values[n] for n in table.names]
+    for i in range(3):
+        ref = retrieval_map(read_volume(table.label_paths[i]), values, (16, 16, 16))
+        np.testing.assert_array_equal(cache.load_map(i), ref)
+        present = {int(k) - 1 for k in np.unique(ref) if k}
+        assert present <= set(np.flatnonzero(table.labels[i]))
+    plain = CachedVolumeDataset(cache, [0, 1, 2], table.labels, maps=True)
+    assert plain[1]["map"].dtype == torch.int64
+    np.testing.assert_array_equal(plain[1]["map"].numpy(), cache.load_map(1))
+    cfg = RetrievalTrainConfig(**{**TINY, "augment_prob": 1.0, "rotate_deg": 20.0, "noise_std": 0.0})
+    warped = CachedVolumeDataset(cache, [0, 1, 2], table.labels, augment=cfg, seed=3, maps=True)
+    item = warped[1]
+    assert set(np.unique(item["map"].numpy())) <= set(np.unique(cache.load_map(1)))
+    assert not np.array_equal(item["map"].numpy(), cache.load_map(1))  # moved with the image
+    # a cache without maps refuses to give one
+    bare = build_volume_cache(table, (16, 16, 16), "float16", tmp_path / "bare")
+    with pytest.raises(InputError, match="no finding maps"):
+        bare.load_map(0)
+
+
+def test_cli_train_with_finding_maps(capsys, tmp_path, dataset, tiny_config):
+    cfg = tmp_path / "maps.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "map_weight": 0.5, "map_stage": 1}))
+    run = tmp_path / "maps"
+    code, _, err = run_cli(capsys, "retrieval", "train", "--mode", "microf1", "--data", dataset, "--out", run,
+                           "--config", cfg, "--device", "cpu")
+    assert code == 0, err
+    best = EmbeddingNet.load(run / "best")
+    assert best.config.map_classes == 6 and best.config.map_stage == 1
+    assert (run / "cache" / "maps.uint8.npy").is_file()
+    assert len(read_metrics_csv(run / "metrics.csv")) == 2

@@ -41,6 +41,7 @@ __all__ = [
     "deep_supervision_loss",
     "get_loss",
     "batch_dice",
+    "finding_map_loss",
     "LOSSES",
     "territory_base_loss",
     "spatial_consistency_loss",
@@ -347,6 +348,31 @@ def batch_dice(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         return loss_fn(logits.transpose(0, 1).reshape(1, n, -1), target.transpose(0, 1).reshape(1, n, -1))
 
     return folded
+
+
+def finding_map_loss(map_logits: torch.Tensor, finding_map: torch.Tensor) -> torch.Tensor:
+    """Dense auxiliary loss of the retrieval network's finding-map head (where each finding is).
+
+    ``target[b, k]`` is 1 where ``finding_map[b] == k + 1``, max-pooled to the logits' size (a coarse voxel
+    is positive when any voxel it covers carries finding k, so small findings stay visible); then
+    ``loss = dice_bce_loss`` with the overlap counted over the whole batch per finding
+    (:func:`batch_dice`), so a finding absent from one case still has a Dice term through the others.
+
+    Arguments:
+      map_logits (torch.Tensor): (B, L, d, h, w) logits, e.g. ``EmbeddingNet(...)(x)["maps"]``.
+      finding_map (torch.Tensor): (B, D, H, W) integer map, ``k + 1`` where finding k is, 0 elsewhere
+        (:func:`irisseg.data.findings.retrieval_map`); D, H, W >= d, h, w.
+
+    Returns:
+      torch.Tensor: float32 scalar.
+    """
+    if map_logits.ndim != 5 or finding_map.ndim != 4 or finding_map.shape[0] != map_logits.shape[0]:
+        raise ValueError(f"expected logits (B, L, d, h, w) and a map (B, D, H, W), got {tuple(map_logits.shape)} "
+                         f"and {tuple(finding_map.shape)}")
+    classes = torch.arange(1, map_logits.shape[1] + 1, device=finding_map.device).view(1, -1, 1, 1, 1)
+    target = (finding_map.long()[:, None] == classes).float()
+    target = _downsample_target(target, map_logits.shape[2:], "max")
+    return batch_dice(dice_bce_loss)(map_logits.float(), target)
 
 
 def get_loss(name: str, **kwargs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -25,7 +25,7 @@ import numpy as np
 from irisseg.errors import InputError
 from irisseg.io import Volume
 
-__all__ = ["FindingsTable", "load_findings", "retrieval_input", "FINDINGS_CSV"]
+__all__ = ["FindingsTable", "load_findings", "retrieval_input", "retrieval_map", "FINDINGS_CSV"]
 
 #: Optional table of case findings in a dataset folder: a ``case`` column, then one 0/1 column per finding.
 FINDINGS_CSV = "findings.csv"
@@ -178,3 +178,34 @@ def retrieval_input(image: Volume | Sequence[Volume], shape: Sequence[int] = (64
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(f"retrieval grid must be 3 positive sizes (D, H, W), got {shape}")
     return Preprocessor(PreprocessConfig(target_shape=shape))(image).image.astype(np.float32, copy=False)
+
+
+def retrieval_map(label: Volume, values: Sequence[int], shape: Sequence[int] = (64, 64, 64)) -> np.ndarray:
+    """Where each finding is, on the retrieval network's grid (the training target of its map head).
+
+    Arguments:
+      label (Volume): a case's label map (D, H, W), in its image's geometry.
+      values (Sequence[int]): the label id of each of the L findings (finding ``k`` = ``values[k]``).
+      shape (Sequence[int]): the grid (D, H, W), voxels, as given to :func:`retrieval_input`: the label map's
+        whole field of view is resampled (nearest neighbour) exactly as the image is.
+
+    Returns:
+      np.ndarray: uint8 (*shape): ``k + 1`` where the label is ``values[k]``, 0 elsewhere.
+
+    Raises:
+      InputError: more than 254 findings, or a bad grid.
+    """
+    from irisseg.preprocess import resample
+
+    values = [int(v) for v in values]
+    if len(values) > 254:
+        raise InputError(f"a finding map holds at most 254 findings, got {len(values)}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"retrieval grid must be 3 positive sizes (D, H, W), got {shape}")
+    array = np.asarray(label.array)
+    coded = np.zeros(array.shape, np.uint8)
+    for k, v in enumerate(values):
+        coded[array == v] = k + 1
+    # the same grid as retrieval_input's Preprocessor(target_shape=shape): the whole extent, corners aligned
+    return np.asarray(resample(label.with_array(coded), shape=shape, kind="label").array, dtype=np.uint8)

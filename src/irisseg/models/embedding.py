@@ -46,6 +46,12 @@ class EmbeddingConfig:
       dropout (float): in [0, 1), dropout on the pooled features before the projection (training only).
       concat_max_pool (bool): pool the last stage with global average *and* global max pooling and
         concatenate both (``2 * channels[-1]`` features); False: global average pooling only.
+      map_classes (int): outputs of the optional finding-map head, 0: none. The head is a 1x1x1
+        convolution on stage ``map_stage``'s output giving, per class, a logit of "this class is within this
+        coarse voxel" (``"maps"`` output). It is an auxiliary of training (dense supervision from label
+        maps, :mod:`irisseg.training.retrieval`); the embedding does not read it.
+      map_stage (int): the stage the map head reads, ``0 <= map_stage < len(channels)``; its maps have
+        ``1 / 2 ** map_stage`` of the input size per axis (sizes rounded up).
       extra (dict): free-form metadata saved with the model (training settings, validation scores...).
     """
 
@@ -56,6 +62,8 @@ class EmbeddingConfig:
     n_classes: int = 0
     dropout: float = 0.0
     concat_max_pool: bool = True
+    map_classes: int = 0
+    map_stage: int = 2
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,6 +78,10 @@ class EmbeddingConfig:
             raise InputError(f"n_classes must be 0 (no classification head) or more, got {self.n_classes}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
+        if int(self.map_classes) < 0:
+            raise InputError(f"map_classes must be 0 (no map head) or more, got {self.map_classes}")
+        if int(self.map_classes) > 0 and not 0 <= int(self.map_stage) < len(self.channels):
+            raise InputError(f"map_stage must index one of the {len(self.channels)} stages, got {self.map_stage}")
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -104,7 +116,11 @@ class EmbeddingNet(nn.Module):
     into the embedding, and the classification head (a linear layer ``embedding_dim -> n_classes``) reads
     the features *before* normalisation. Pooling makes the head independent of the input size.
 
-    Top-level children: ``stages``, ``dropout``, ``projection`` and, when ``n_classes > 0``, ``classifier``.
+    With ``map_classes > 0``, a 1x1x1 convolution ``map_head`` on stage ``map_stage`` also predicts coarse
+    finding maps (a training auxiliary, see :class:`EmbeddingConfig`).
+
+    Top-level children: ``stages``, ``dropout``, ``projection`` and, when ``n_classes > 0``, ``classifier``
+    (``map_head`` when ``map_classes > 0``).
 
     Arguments:
       config (EmbeddingConfig | None): the architecture; None: ``EmbeddingConfig(**overrides)``.
@@ -127,6 +143,8 @@ class EmbeddingNet(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.projection = nn.Linear(pooled, config.embedding_dim)
         self.classifier = nn.Linear(config.embedding_dim, config.n_classes) if config.n_classes > 0 else None
+        self.map_head = (nn.Conv3d(config.channels[config.map_stage], config.map_classes, kernel_size=1)
+                         if config.map_classes > 0 else None)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Embed a batch of volumes.
@@ -141,15 +159,18 @@ class EmbeddingNet(nn.Module):
         Returns:
           dict[str, torch.Tensor]: ``"embedding"``: (B, embedding_dim) float32, unit L2 norm per row;
           ``"logits"``: (B, n_classes) float32 classification logits (one per class, no sigmoid or
-          softmax), present only when ``n_classes > 0``.
+          softmax), present only when ``n_classes > 0``; ``"maps"``: (B, map_classes, d, h, w) float32
+          finding-map logits at stage ``map_stage``'s size, present only when ``map_classes > 0``.
 
         Raises:
           InputError: ``x`` is not a (B, in_channels, D, H, W) tensor.
         """
-        features = self.features(x)
+        features, at_map_stage = self._features(x)
         out = {"embedding": F.normalize(features, dim=1)}
         if self.classifier is not None:
             out["logits"] = self.classifier(features).float()
+        if self.map_head is not None:
+            out["maps"] = self.map_head(at_map_stage).float()
         return out
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,18 +182,25 @@ class EmbeddingNet(nn.Module):
         Returns:
           torch.Tensor: (B, embedding_dim) float32.
         """
+        return self._features(x)[0]
+
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`features` and the output of stage ``map_stage`` (None without a map head)."""
         cfg = self.config
         if x.ndim != 5 or x.shape[1] != cfg.in_channels:
             raise InputError(f"expected a (B, {cfg.in_channels}, D, H, W) tensor, got shape {tuple(x.shape)}")
         t = cfg.total_stride
         if all(s <= t for s in x.shape[2:]):
             x = F.pad(x, (0, t + 1 - x.shape[-1], 0, 0, 0, 0), mode="replicate")
-        for stage in self.stages:
+        at_map_stage = None
+        for i, stage in enumerate(self.stages):
             x = stage(x)
+            if self.map_head is not None and i == cfg.map_stage:
+                at_map_stage = x
         pooled = x.mean(dim=(2, 3, 4))
         if cfg.concat_max_pool:
             pooled = torch.cat([pooled, x.amax(dim=(2, 3, 4))], dim=1)
-        return self.projection(self.dropout(pooled)).float()
+        return self.projection(self.dropout(pooled)).float(), at_map_stage
 
     # -- persistence ---------------------------------------------------------------------------------------
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:

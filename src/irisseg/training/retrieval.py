@@ -97,6 +97,13 @@ class RetrievalTrainConfig(YamlConfig):
       batch_size: cases per batch in microf1 mode.
       bce_weight: weight of the binary cross-entropy added to the soft micro-F1 loss (microf1 mode; 0: none).
         The BCE gives every logit a gradient of its own (the micro-F1 alone is one ratio over the batch).
+      map_weight: weight of the auxiliary finding-map loss, both modes (0: none). When > 0, the network
+        gets a map head on stage ``map_stage`` (:class:`~irisseg.models.embedding.EmbeddingConfig`) trained
+        with :func:`irisseg.losses.finding_map_loss` against the cases' label maps on the grid: dense
+        supervision of *where* each finding is, which the case-level labels alone give only through one
+        number per case. Needs a label map for every case (``labelsTr``) with every finding's label id
+        declared in ``dataset.json``. The map head is not used for retrieval.
+      map_stage: the stage the map head reads (resolution ``1 / 2 ** map_stage`` of the grid).
       accumulate: batches whose gradients are summed per optimiser step (gradient accumulation).
       lr, weight_decay: AdamW; 20 warm-up steps, then a cosine to 0 over ``epochs`` or ``max_minutes``.
       epochs: most epochs; steps_per_epoch: optimiser steps per epoch (each of ``accumulate`` batches);
@@ -125,6 +132,8 @@ class RetrievalTrainConfig(YamlConfig):
     n_samples_per_class: int = 3
     batch_size: int = 8
     bce_weight: float = 0.1
+    map_weight: float = 0.0
+    map_stage: int = 2
     accumulate: int = 1
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -179,7 +188,9 @@ class RetrievalTrainConfig(YamlConfig):
             raise InputError(f"split: the train and train_eval fractions must be positive, got {list(self.split)}")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
             raise InputError(f"scale must be (min, max) with 0 < min <= max, got {list(self.scale)}")
-        for name in ("margin", "bce_weight", "rotate_deg", "noise_std", "weight_decay"):
+        if float(self.map_weight) > 0 and not 0 <= int(self.map_stage) < len(self.channels):
+            raise InputError(f"map_stage must index one of the {len(self.channels)} stages, got {self.map_stage}")
+        for name in ("margin", "bce_weight", "map_weight", "rotate_deg", "noise_std", "weight_decay"):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value >= 0):
                 raise InputError(f"{name} must be a non-negative number, got {getattr(self, name)}")
@@ -323,21 +334,25 @@ class VolumeCache:
       path (Path): ``FOLDER/volumes.<dtype>.npy``, shape (N, C, D, H, W), of type ``dtype``.
       case_ids (list[str]): row ``i`` is case ``case_ids[i]``.
       grid (tuple[int, int, int]): (D, H, W). dtype (str): ``"float16"`` or ``"uint8"``. channels (int): C.
+      maps_path (Path | None): ``FOLDER/maps.uint8.npy``, (N, D, H, W) finding maps
+        (:func:`irisseg.data.findings.retrieval_map`: ``k + 1`` where finding k is), when cached.
 
-    The array is opened (read-only, memory-mapped) on first use in each process and never pickled, so
+    The arrays are opened (read-only, memory-mapped) on first use in each process and never pickled, so
     DataLoader workers share the page cache instead of copying it.
     """
 
-    def __init__(self, path: Path, case_ids: list[str], grid: Sequence[int], dtype: str, channels: int):
+    def __init__(self, path: Path, case_ids: list[str], grid: Sequence[int], dtype: str, channels: int,
+                 maps_path: Path | None = None):
         self.path, self.case_ids, self.dtype = Path(path), list(case_ids), dtype
         self.grid, self.channels = tuple(int(s) for s in grid), int(channels)
-        self._array = None
+        self.maps_path = Path(maps_path) if maps_path is not None else None
+        self._array = self._maps = None
 
     def __len__(self) -> int:
         return len(self.case_ids)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_array": None}
+        return {**self.__dict__, "_array": None, "_maps": None}
 
     @property
     def array(self) -> np.ndarray:
@@ -349,6 +364,14 @@ class VolumeCache:
     def load(self, row: int) -> np.ndarray:
         """Case ``row`` decoded to float32 (C, D, H, W) (:func:`decode_volumes`)."""
         return decode_volumes(np.asarray(self.array[int(row)]))
+
+    def load_map(self, row: int) -> np.ndarray:
+        """Case ``row``'s finding map, uint8 (D, H, W) (InputError when the cache holds none)."""
+        if self.maps_path is None:
+            raise InputError(f"{self.path.parent}: the cache holds no finding maps")
+        if self._maps is None:
+            self._maps = np.load(self.maps_path, mmap_mode="r")
+        return np.asarray(self._maps[int(row)])
 
 
 def _file_stamps(paths: Sequence[Path]) -> list[list]:
@@ -369,7 +392,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def build_volume_cache(table, grid: Sequence[int], dtype: str, folder: str | Path,
-                       progress: bool = False) -> VolumeCache:
+                       progress: bool = False, maps: bool = False) -> VolumeCache:
     """The cache of every case of ``table`` on ``grid``: reused when still valid, else (re)built.
 
     Each case's channels are read (:func:`irisseg.io.read_volume`) and preprocessed with
@@ -379,21 +402,27 @@ def build_volume_cache(table, grid: Sequence[int], dtype: str, folder: str | Pat
     modification time (ns) and size. The cache is reused only when all of these still match (a changed,
     added or removed file, another grid or dtype rebuilds it). The array is written to a temporary file and
     renamed, and ``index.json`` is written last, so an interrupted build is never taken for a valid cache.
+    With ``maps``, every case's label map is also stored on the grid as a finding map
+    (:func:`irisseg.data.findings.retrieval_map`, finding k = its label id in ``table.label_values``) in
+    ``FOLDER/maps.uint8.npy`` (N, D, H, W); the label files then count among the recorded files.
 
     Arguments:
       table (FindingsTable): the cases (:func:`irisseg.data.findings.load_findings`).
       grid (Sequence[int]): (D, H, W) voxels. dtype (str): ``"float16"`` or ``"uint8"``.
       folder (str | Path): the cache folder (created). progress (bool): show a progress bar while building.
+      maps (bool): also cache the finding maps (needs a label map for every case and a label id for every
+        finding).
 
     Returns:
       VolumeCache.
 
     Raises:
       InputError: an unreadable image, channels of different geometry, NaN intensities, a bad grid / dtype,
-        cases with different channel counts.
+        cases with different channel counts; with ``maps``, a case without a label map, a finding without a
+        label id, a label map whose geometry differs from its image's.
     """
-    from irisseg.data.findings import retrieval_input
-    from irisseg.io import read_volume
+    from irisseg.data.findings import retrieval_input, retrieval_map
+    from irisseg.io import check_same_geometry, read_volume
 
     folder = Path(folder)
     grid = tuple(int(s) for s in grid)
@@ -403,14 +432,28 @@ def build_volume_cache(table, grid: Sequence[int], dtype: str, folder: str | Pat
     if len(counts) != 1:
         raise InputError(f"{table.root}: cases have different numbers of image channels ({sorted(counts)})")
     channels = counts.pop()
+    map_values = None
+    if maps:
+        missing = [n for n in table.names if n not in table.label_values]
+        if missing:
+            raise InputError(f"{table.root}: finding maps need a label id for every finding; dataset.json "
+                             f"declares none for {', '.join(missing[:5])}")
+        unlabelled = [c for c, p in zip(table.case_ids, table.label_paths, strict=True) if p is None]
+        if unlabelled:
+            raise InputError(f"{table.root}: finding maps need a label map for every case; "
+                             f"{', '.join(unlabelled[:5])} ha{'s' if len(unlabelled) == 1 else 've'} none")
+        map_values = [int(table.label_values[n]) for n in table.names]
     index = {"format": _CACHE_FORMAT, "source": str(Path(table.root).absolute()), "case_ids": list(table.case_ids),
              "grid": list(grid), "dtype": dtype, "channels": channels, "uint8_range": list(UINT8_RANGE),
              "files": [_file_stamps(paths) for paths in table.image_paths]}
+    if map_values is not None:
+        index.update(map_values=map_values, label_files=_file_stamps(table.label_paths))
     path = folder / f"volumes.{dtype}.npy"
+    maps_path = folder / "maps.uint8.npy" if map_values is not None else None
     index_path = folder / "index.json"
     shape = (len(table.case_ids), channels, *grid)
-    cache = VolumeCache(path, table.case_ids, grid, dtype, channels)
-    if index_path.is_file() and path.is_file():
+    cache = VolumeCache(path, table.case_ids, grid, dtype, channels, maps_path)
+    if index_path.is_file() and path.is_file() and (maps_path is None or maps_path.is_file()):
         try:
             same = json.loads(index_path.read_text()) == index
             same = same and tuple(cache.array.shape) == shape and cache.array.dtype == np.dtype(dtype)
@@ -418,13 +461,16 @@ def build_volume_cache(table, grid: Sequence[int], dtype: str, folder: str | Pat
             same = False
         if same:
             return cache
-        cache = VolumeCache(path, table.case_ids, grid, dtype, channels)
+        cache = VolumeCache(path, table.case_ids, grid, dtype, channels, maps_path)
     folder.mkdir(parents=True, exist_ok=True)
     index_path.unlink(missing_ok=True)
-    for stale in folder.glob("volumes.*.npy"):
+    for stale in [*folder.glob("volumes.*.npy"), *folder.glob("maps.*.npy")]:
         stale.unlink()
     tmp = folder / f".volumes.{dtype}.npy.tmp"
+    tmp_maps = folder / ".maps.uint8.npy.tmp"
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
+    map_array = (np.lib.format.open_memmap(tmp_maps, mode="w+", dtype=np.uint8, shape=(shape[0], *grid))
+                 if maps_path is not None else None)
     rows = range(len(table.case_ids))
     if progress:
         from rich.progress import track
@@ -432,10 +478,19 @@ def build_volume_cache(table, grid: Sequence[int], dtype: str, folder: str | Pat
         rows = track(rows, description=f"caching {len(table.case_ids)} cases at {'x'.join(map(str, grid))}")
     for i in rows:
         paths = table.image_paths[i]
-        array[i] = encode_volumes(retrieval_input([read_volume(p) for p in paths], grid), dtype)
+        channels_i = [read_volume(p) for p in paths]
+        array[i] = encode_volumes(retrieval_input(channels_i, grid), dtype)
+        if map_array is not None:
+            label = read_volume(table.label_paths[i])
+            check_same_geometry(channels_i[0], label, paths[0], table.label_paths[i])
+            map_array[i] = retrieval_map(label, map_values, grid)
     array.flush()
     del array
     tmp.replace(path)
+    if map_array is not None:
+        map_array.flush()
+        del map_array
+        tmp_maps.replace(maps_path)
     _write_text_atomic(index_path, json.dumps(index, indent=1))
     return cache
 
@@ -461,12 +516,15 @@ class CachedVolumeDataset(Dataset):
       augment (RetrievalTrainConfig | None): augmentation settings (``augment_prob``, ``rotate_deg``,
         ``scale``, ``noise_std``); None: no augmentation.
       seed (int): augmentation seed.
+      maps (bool): items carry their finding map too (the cache must hold them), warped with the image.
 
-    Items: ``{"image": float32 (C, D, H, W), "labels": float32 (L,), "index": int}``.
+    Items: ``{"image": float32 (C, D, H, W), "labels": float32 (L,), "index": int}`` and, with ``maps``,
+    ``"map": int64 (D, H, W)`` (``k + 1`` where finding k is).
     """
 
-    def __init__(self, cache: VolumeCache, rows: Sequence[int], labels: np.ndarray, augment=None, seed: int = 0):
-        self.cache, self.rows = cache, [int(r) for r in rows]
+    def __init__(self, cache: VolumeCache, rows: Sequence[int], labels: np.ndarray, augment=None, seed: int = 0,
+                 maps: bool = False):
+        self.cache, self.rows, self.maps = cache, [int(r) for r in rows], bool(maps)
         self.labels = np.asarray(labels, dtype=np.float32).reshape(len(self.rows), -1)
         self.augment, self.seed, self.epoch = augment, int(seed), 0
         self._gen, self._gen_key = None, None
@@ -494,15 +552,20 @@ class CachedVolumeDataset(Dataset):
 
         index = int(index)
         image = torch.from_numpy(self.cache.load(self.rows[index]))
+        masks = (torch.from_numpy(self.cache.load_map(self.rows[index]).astype(np.int64))[None] if self.maps
+                 else torch.zeros((0, *image.shape[1:])))
         a = self.augment
         if a is not None:
             gen = self._generator()
             draws = torch.rand(2, generator=gen)
             if draws[0] < a.augment_prob and (a.rotate_deg > 0 or a.scale != (1.0, 1.0)):
-                image, _ = random_affine(image, torch.zeros((0, *image.shape[1:])), a.rotate_deg, a.scale, gen)
+                image, masks = random_affine(image, masks, a.rotate_deg, a.scale, gen)
             if draws[1] < a.augment_prob and a.noise_std > 0:
                 image = image + a.noise_std * torch.randn(image.shape, generator=gen)
-        return {"image": image.contiguous(), "labels": torch.from_numpy(self.labels[index]), "index": index}
+        item = {"image": image.contiguous(), "labels": torch.from_numpy(self.labels[index]), "index": index}
+        if self.maps:
+            item["map"] = masks[0].round().long()
+        return item
 
 
 class BalancedBatchSampler(Sampler):
@@ -647,7 +710,7 @@ class RetrievalLightning(AnnealedModule):
     ``cfg.mining``); microf1 mode :func:`irisseg.losses.soft_micro_f1_loss` on the logits plus
     ``cfg.bce_weight`` times the mean binary cross-entropy. Validation embeds the ``train_eval`` cases and
     scores them with :func:`evaluate_embeddings`; ``val_loss`` is the same loss on the whole set (triplet:
-    every case an anchor). The optimiser and schedule come from :class:`AnnealedModule`.
+    every case an anchor), without the finding-map term that training adds with ``cfg.map_weight``. The optimiser and schedule come from :class:`AnnealedModule`.
 
     Arguments:
       model (EmbeddingNet): the network (with a head of one logit per finding in microf1 mode).
@@ -678,7 +741,12 @@ class RetrievalLightning(AnnealedModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self.model(batch["image"]), batch["labels"])
+        from irisseg.losses import finding_map_loss
+
+        out = self.model(batch["image"])
+        loss = self.loss(out, batch["labels"])
+        if self.cfg.map_weight > 0:
+            loss = loss + self.cfg.map_weight * finding_map_loss(out["maps"], batch["map"])
         self._train_losses.append(float(loss.detach()))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
@@ -769,7 +837,7 @@ def _check_resumable(cfg: RetrievalTrainConfig, out: Path) -> None:
     if not isinstance(before, dict):
         return
     now = cfg.to_yaml_dict()
-    changed = [k for k in ("mode", "grid", "channels", "embedding_dim")
+    changed = [k for k in ("mode", "grid", "channels", "embedding_dim", "map_weight", "map_stage")
                if k in before and before[k] != now[k]]
     if changed:
         raise InputError(f"{out}: cannot resume with other {', '.join(changed)} than the run was started with "
@@ -834,14 +902,16 @@ def train_retrieval(cfg: RetrievalTrainConfig, data: str | Path, out: str | Path
     else:
         sampler = ShuffledBatchSampler(len(rows["train"]), cfg.batch_size, steps, seed=cfg.seed)
 
-    cache = build_volume_cache(table, cfg.grid, cfg.cache_dtype, out / "cache", progress=progress)
+    use_maps = cfg.map_weight > 0
+    cache = build_volume_cache(table, cfg.grid, cfg.cache_dtype, out / "cache", progress=progress, maps=use_maps)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     n_findings = len(table.names)
     model = EmbeddingNet(EmbeddingConfig(
         name=f"retrieval-{cfg.mode}", in_channels=cache.channels, channels=cfg.channels,
-        embedding_dim=cfg.embedding_dim, n_classes=n_findings if cfg.mode == "microf1" else 0, dropout=cfg.dropout))
+        embedding_dim=cfg.embedding_dim, n_classes=n_findings if cfg.mode == "microf1" else 0, dropout=cfg.dropout,
+        map_classes=n_findings if use_maps else 0, map_stage=cfg.map_stage))
     train_ds = CachedVolumeDataset(cache, rows["train"], train_labels, augment=cfg if cfg.augment else None,
-                                   seed=cfg.seed)
+                                   seed=cfg.seed, maps=use_maps)
     eval_ds = CachedVolumeDataset(cache, rows["train_eval"], eval_labels)
     # The first epoch's batches are drawn before any hook runs: give them the (resumed) epoch now.
     first = int(torch.load(ckpt, map_location="cpu", weights_only=True).get("epoch", -1)) + 1 if ckpt else 0
