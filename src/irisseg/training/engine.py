@@ -95,7 +95,7 @@ class AnnealedModule(L.LightningModule):
     def setup_ema(self) -> None:
         """Keep an exponential moving average of ``self.model``'s weights when ``cfg.ema_decay`` is set (> 0).
 
-        After every optimiser step ``ema = decay * ema + (1 - decay) * weights`` (buffers are copied);
+        After every optimiser step ``ema = decay * ema + (1 - decay) * weights`` (buffers too, if any);
         validation and the exported ``best`` / ``last`` folders then use the averaged copy
         (:attr:`eval_model`), which is smoother than the last step's weights in a short, noisy run. The copy
         is a submodule, so it is checkpointed and resumed with the rest. Call after ``self.model`` is set.
@@ -103,7 +103,8 @@ class AnnealedModule(L.LightningModule):
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         decay = float(getattr(self.cfg, "ema_decay", 0.0) or 0.0)
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+                    if decay > 0 else None)
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -113,7 +114,7 @@ class AnnealedModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         ema = self._modules.get("ema")
-        if ema is not None:
+        if ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # after a step
             ema.update_parameters(self.model)
 
     def budget_used(self) -> float:
