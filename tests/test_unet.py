@@ -193,3 +193,25 @@ def test_residual_unet_output_does_not_depend_on_memory_format():
         a = net(x)
         b = net(x.contiguous(memory_format=torch.channels_last_3d))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_norm_variant_keeps_running_statistics_through_save_and_load(tmp_path):
+    net = _net(seed=5, norm="batch", deep_supervision=True)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):  # move the running statistics off their initial 0 / 1
+            net(2.0 + 3.0 * torch.randn(2, 1, 16, 16, 16))
+    net.eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+        # eval mode uses the running averages: an item's output does not depend on the rest of the batch
+        assert torch.allclose(net(torch.cat([x, 5.0 * torch.randn(1, 1, 16, 16, 16)]))[:1], ref, atol=1e-5)
+    loaded = ResidualUNet.load(net.save(tmp_path / "m")).eval()
+    assert loaded.config.norm == "batch"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref)
+    with pytest.raises(InputError, match="norm"):
+        UNetConfig(channels=(4, 8), norm="layer")

@@ -14,6 +14,7 @@ __all__ = [
     "ResidualBlock",
     "InstanceNorm",
     "nd_layers",
+    "NORMS",
     "FiLM",
     "AttentionBlock",
     "MLP",
@@ -41,20 +42,29 @@ class InstanceNorm(nn.GroupNorm):
         super().__init__(num_features, num_features, affine=affine)
 
 
-def nd_layers(spatial_dims: int = 3) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
-    """The convolution, transposed convolution and instance-norm classes for 2D or 3D networks.
+#: Normalisations a :class:`ResidualBlock` can use (``norm=``).
+NORMS = ("instance", "batch")
+
+
+def nd_layers(spatial_dims: int = 3, norm: str = "instance") -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
+    """The convolution, transposed convolution and normalisation classes for 2D or 3D networks.
 
     Arguments:
       spatial_dims (int): 2 (``(B, C, H, W)`` tensors) or 3 (``(B, C, D, H, W)``).
+      norm (str): ``"instance"`` (:class:`InstanceNorm`, per sample and channel over its spatial axes) or
+        ``"batch"`` (``nn.BatchNorm3d`` / ``nn.BatchNorm2d``: statistics over the batch in training, running
+        averages in eval mode, so a voxel's output does not depend on what else is in the input window).
 
     Returns:
-      tuple: ``(Conv, ConvTranspose, InstanceNorm)``, e.g. ``(nn.Conv3d, nn.ConvTranspose3d, InstanceNorm)``
-      (:class:`InstanceNorm` serves both).
+      tuple: ``(Conv, ConvTranspose, Norm)``, e.g. ``(nn.Conv3d, nn.ConvTranspose3d, InstanceNorm)``
+      (:class:`InstanceNorm` serves both dimensions).
     """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if spatial_dims == 3:
-        return nn.Conv3d, nn.ConvTranspose3d, InstanceNorm
+        return nn.Conv3d, nn.ConvTranspose3d, InstanceNorm if norm == "instance" else nn.BatchNorm3d
     if spatial_dims == 2:
-        return nn.Conv2d, nn.ConvTranspose2d, InstanceNorm
+        return nn.Conv2d, nn.ConvTranspose2d, InstanceNorm if norm == "instance" else nn.BatchNorm2d
     raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
 
 
@@ -66,7 +76,7 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 class ResidualBlock(nn.Module):
-    """Two 3x3x3 convolutions with InstanceNorm (affine) and LeakyReLU(0.01), plus a shortcut.
+    """Two 3x3x3 convolutions with InstanceNorm (affine; or BatchNorm) and LeakyReLU(0.01), plus a shortcut.
 
     In 3D the block works channels-last (:func:`channels_last`; the output is channels-last too): the
     same values, computed faster by oneDNN on the CPU (a 16-128-channel U-Net's training step on 4 x 32^3
@@ -79,15 +89,16 @@ class ResidualBlock(nn.Module):
         the shape changes.
       spatial_dims (int): 3 (default, ``nn.Conv3d``) or 2 (the same block with ``nn.Conv2d`` on
         ``(B, C, H, W)`` tensors). Parameter names do not depend on it.
+      norm (str): ``"instance"`` (default) or ``"batch"`` (:func:`nd_layers`).
 
     Input ``(B, in_channels, D, H, W)`` -> output ``(B, out_channels, D/stride, H/stride, W/stride)``
     (sizes rounded up: ``ceil(D / stride)``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int | tuple[int, ...] = 1,
-                 spatial_dims: int = 3):
+                 spatial_dims: int = 3, norm: str = "instance"):
         super().__init__()
-        conv, _, norm = nd_layers(spatial_dims)
+        conv, _, norm = nd_layers(spatial_dims, norm)
         self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
         self.norm1 = norm(out_channels, affine=True)
         self.conv2 = conv(out_channels, out_channels, 3, padding=1, bias=False)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from irisseg.errors import InputError
-from irisseg.models.blocks import ResidualBlock, nd_layers
+from irisseg.models.blocks import NORMS, ResidualBlock, nd_layers
 from irisseg.models.folder import load_model_weights, read_model_config, save_model_folder
 
 __all__ = ["UNetConfig", "ResidualUNet"]
@@ -57,6 +57,8 @@ class UNetConfig:
         network then returns ``[main, aux_1, ..., aux_k]`` (see :meth:`ResidualUNet.forward`).
       deep_supervision_levels (int | None): how many auxiliary heads (finest first); None: one per
         decoder level below full resolution (``len(channels) - 2``).
+      norm (str): ``"instance"`` (default; InstanceNorm, affine) or ``"batch"`` (BatchNorm: batch statistics
+        in training, running averages in eval mode, so a prediction does not depend on the window around it).
       pad_mode (str): how inputs whose size is not a multiple of the total stride are padded:
         ``"replicate"`` (default), ``"constant"`` (zeros) or ``"reflect"`` (needs a pad smaller than the side).
       extra (dict): free-form metadata saved with the model (training settings, ...).
@@ -71,6 +73,7 @@ class UNetConfig:
     spatial_dims: int = 3
     deep_supervision: bool = False
     deep_supervision_levels: int | None = None
+    norm: str = "instance"
     pad_mode: str = "replicate"
     extra: dict = field(default_factory=dict)
 
@@ -94,6 +97,8 @@ class UNetConfig:
         if self.deep_supervision_levels is not None and not 0 <= self.deep_supervision_levels <= len(self.channels) - 2:
             raise InputError(f"deep_supervision_levels must be between 0 and {len(self.channels) - 2}, "
                              f"got {self.deep_supervision_levels}")
+        if self.norm not in NORMS:
+            raise InputError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.pad_mode not in _PAD_MODES:
             raise InputError(f"pad_mode must be one of {', '.join(_PAD_MODES)}, got {self.pad_mode!r}")
 
@@ -120,7 +125,7 @@ class ResidualUNet(nn.Module):
     ``i > 0`` starts with a residual block of stride ``strides[i - 1]``. The decoder goes back up level by
     level: a transposed convolution (kernel = stride) to ``channels[i - 1]``, concatenation with the
     encoder's skip, residual block(s). A 1x1 convolution gives the logits. Normalisation is InstanceNorm
-    (affine), the activation LeakyReLU(0.01), as in the IRIS encoder.
+    (affine; BatchNorm with ``norm="batch"``), the activation LeakyReLU(0.01), as in the IRIS encoder.
 
     Top-level children (what :func:`irisseg.models.iris.count_parameters` reports): ``encoder``,
     ``upsample``, ``decoder``, ``head`` and, with deep supervision, ``aux_heads``.
@@ -142,8 +147,9 @@ class ResidualUNet(nn.Module):
         ch, strides, n = config.channels, config.level_strides(), config.blocks_per_level
 
         def level(c_in: int, c_out: int, stride) -> nn.Sequential:
-            blocks = [ResidualBlock(c_in, c_out, stride=stride, spatial_dims=config.spatial_dims)]
-            blocks += [ResidualBlock(c_out, c_out, spatial_dims=config.spatial_dims) for _ in range(n - 1)]
+            dims, norm = config.spatial_dims, config.norm
+            blocks = [ResidualBlock(c_in, c_out, stride=stride, spatial_dims=dims, norm=norm)]
+            blocks += [ResidualBlock(c_out, c_out, spatial_dims=dims, norm=norm) for _ in range(n - 1)]
             return nn.Sequential(*blocks)
 
         self.encoder = nn.ModuleList(

@@ -52,7 +52,8 @@ class LesionTrainConfig(YamlConfig):
 
     Attributes:
       channels: U-Net widths per level (the number of levels is its length); deep_supervision: auxiliary
-        losses at the coarser decoder levels (weights halving per level).
+        losses at the coarser decoder levels (weights halving per level); norm: ``instance`` | ``batch``
+        (:class:`irisseg.models.unet.UNetConfig`).
       patch: training patch side (voxels, cubic), also the sliding-window size; batch_size: patches per step.
       positive_fraction: share of patches centred on a lesion voxel (component-balanced); the rest are
         centred anywhere in the body.
@@ -75,6 +76,7 @@ class LesionTrainConfig(YamlConfig):
 
     channels: tuple[int, ...] = (16, 32, 64, 128)
     deep_supervision: bool = True
+    norm: str = "instance"
     patch: int = 48
     batch_size: int = 2
     positive_fraction: float = 0.5
@@ -106,6 +108,8 @@ class LesionTrainConfig(YamlConfig):
         if self.patch < 8 or self.patch % (2 ** (len(self.channels) - 1)):
             raise InputError(f"patch must be a multiple of {2 ** (len(self.channels) - 1)} (the U-Net's total "
                              f"stride) and at least 8, got {self.patch}")
+        if self.norm not in ("instance", "batch"):
+            raise InputError(f"norm must be 'instance' or 'batch', got {self.norm!r}")
         if not 0.0 <= self.positive_fraction <= 1.0:
             raise InputError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -313,7 +317,7 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
     n_channels = train_cases[0].image.shape[0]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = ResidualUNet(UNetConfig(in_channels=n_channels, out_channels=1, channels=cfg.channels,
-                                    deep_supervision=cfg.deep_supervision))
+                                    deep_supervision=cfg.deep_supervision, norm=cfg.norm))
     patches = LesionPatchDataset(
         [(c.image, c.label, c.body) for c in train_cases],
         config=PatchConfig(patch_size=cfg.patch, positive_fraction=cfg.positive_fraction),
