@@ -194,6 +194,14 @@ def test_weight_average_follows_the_ema_formula_and_is_what_gets_exported(tmp_pa
         LesionTrainConfig(ema_decay=1.0)
 
 
+def test_lesion_config_rejects_bad_norm_and_jitter():
+    with pytest.raises(InputError, match="norm"):
+        LesionTrainConfig(norm="group")
+    with pytest.raises(InputError, match="centre_jitter"):
+        LesionTrainConfig(centre_jitter=-0.1)
+    assert LesionTrainConfig(norm="batch", centre_jitter=0.5).centre_jitter == 0.5
+
+
 def oblique_case(seed: int) -> tuple[Volume, Volume]:
     """An image of another shape and an oblique, anisotropic geometry, with one bright blob as lesion."""
     from scipy.spatial.transform import Rotation

@@ -65,6 +65,33 @@ def test_positive_fraction_matches_config(fraction):
             assert component == -1
 
 
+@pytest.mark.parametrize("border", ["shift", "pad"])
+def test_centre_jitter_moves_the_drawn_voxel_around_the_patch_but_keeps_it_inside(border):
+    image, label, body = _brain_case()
+    size = np.array([16, 16, 12])
+
+    def where_in_patch(jitter):
+        cfg = PatchConfig(patch_size=tuple(size), positive_fraction=1.0, centre_jitter=jitter, border=border)
+        sampler, rng = PatchSampler(image, label, body, cfg), np.random.default_rng(3)
+        places = []
+        for _ in range(400):
+            s = sampler.sample(rng)
+            inside = np.asarray(s.centre) - np.asarray(s.start)
+            assert np.all(inside >= 0) and np.all(inside < size)  # the drawn lesion voxel is in the patch
+            assert s.label[(0, *inside)] == 1
+            places.append(inside)
+        return np.array(places)
+
+    if border == "pad":  # no shifting at the border: exactly centred without jitter
+        assert np.all(where_in_patch(0.0) == size // 2)
+    moved = where_in_patch(0.75) - size // 2
+    reach = np.floor(0.75 * (size // 2))
+    assert np.all(np.abs(moved) <= reach)
+    if border == "pad":  # offsets cover the whole allowed range on every axis
+        assert np.array_equal(moved.min(0), -reach) and np.array_equal(moved.max(0), reach)
+    assert len({tuple(m) for m in moved}) > 100
+
+
 def test_component_balanced_hits_the_small_lesion_half_the_time():
     image, label = _two_lesions()
     small = np.zeros(label.shape, bool)
@@ -221,6 +248,8 @@ def test_bad_inputs_raise_one_line_errors():
         PatchConfig(positive_fraction=1.5)
     with pytest.raises(InputError, match="border"):
         PatchConfig(border="wrap")
+    with pytest.raises(InputError, match="centre_jitter"):
+        PatchConfig(centre_jitter=1.0)
     with pytest.raises(InputError, match="patch_size"):
         PatchConfig(patch_size=(16, 16))
     assert PatchConfig(patch_size=[8, 16, 24]).patch_size == (8, 16, 24)  # as read from YAML

@@ -101,6 +101,10 @@ class PatchConfig:
       component_balanced: pick a lesion connected component uniformly, then a voxel inside it (True), or
         a lesion voxel uniformly (False).
       connectivity: lesion components: 1 = 6-connected faces, 2 = 18, 3 = 26 (``scipy.ndimage``).
+      centre_jitter: move each patch window by a uniform random whole number of voxels in
+        ``[-j_a, j_a]`` along axis ``a``, ``j_a = floor(centre_jitter * (p_a // 2))``, so the drawn voxel is not
+        always at the patch centre (sliding-window inference sees lesions anywhere in its windows); in
+        [0, 1), which keeps the drawn voxel inside the patch. 0 (default): exactly centred.
       border: ``"shift"`` (move the window inside the volume) or ``"pad"`` (keep the centre in the middle
         of the patch, pad whatever is outside); see :data:`BORDERS`.
       pad_value: image value of padded voxels, one for every channel; None = each channel's minimum.
@@ -117,6 +121,7 @@ class PatchConfig:
     positive_fraction: float = 0.5
     component_balanced: bool = True
     connectivity: int = 1
+    centre_jitter: float = 0.0
     border: str = "shift"
     pad_value: float | None = None
     body_threshold: float = 0.05
@@ -128,6 +133,8 @@ class PatchConfig:
         self.patch_size = _triple(self.patch_size, "patch_size")
         if not 0.0 <= float(self.positive_fraction) <= 1.0:
             raise InputError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
+        if not 0.0 <= float(self.centre_jitter) < 1.0:
+            raise InputError(f"centre_jitter must be in [0, 1), got {self.centre_jitter}")
         if self.connectivity not in (1, 2, 3):
             raise InputError(f"connectivity must be 1, 2 or 3, got {self.connectivity}")
         if self.border not in BORDERS:
@@ -457,18 +464,22 @@ class PatchSampler:
         flat = self.body_index[int(rng.integers(self.body_index.size))]
         return np.array(np.unravel_index(int(flat), self.shape), dtype=np.int64), False, -1
 
-    def extract(self, centre: Sequence[int], positive: bool = False, component: int = -1) -> PatchSample:
+    def extract(self, centre: Sequence[int], positive: bool = False, component: int = -1,
+                offset: Sequence[int] = (0, 0, 0)) -> PatchSample:
         """Cut the patch around a centre (placement by ``config.border``, padding as documented).
 
         Arguments:
           centre (Sequence[int]): (3,) voxel index (d, h, w) inside the volume.
           positive (bool): recorded in the sample. component (int): recorded in the sample.
+          offset (Sequence[int]): (3,) voxels by which the window's middle is moved away from ``centre``
+            (each ``|offset_a| < p_a // 2`` keeps ``centre`` inside the patch).
 
         Returns:
           PatchSample: image (C, p0, p1, p2), label and valid (1, p0, p1, p2), all float32.
         """
         size = self.config.patch_size
-        start = window_start(centre, self.shape, size, self.config.border)
+        start = window_start(np.asarray(centre, dtype=np.int64) + np.asarray(offset, dtype=np.int64), self.shape,
+                             size, self.config.border)
         image, valid = extract_patch(self.image, start, size, self.pad_value)
         label, _ = extract_patch(self.label[None], start, size, False)
         return PatchSample(
@@ -482,18 +493,23 @@ class PatchSampler:
         )
 
     def sample(self, rng: np.random.Generator, positive: bool | None = None) -> PatchSample:
-        """Draw a centre (:meth:`draw_centre`) and cut its patch (:meth:`extract`).
+        """Draw a centre (:meth:`draw_centre`) and cut its patch (:meth:`extract`), the window moved by a
+        random offset of at most ``config.centre_jitter`` of the half patch per axis.
 
         Arguments:
           rng (np.random.Generator): the randomness of this draw.
           positive (bool | None): as :meth:`draw_centre`.
 
         Returns:
-          PatchSample: image (C, p0, p1, p2) float32, label and valid (1, p0, p1, p2) float32, centre,
-          start, positive, component.
+          PatchSample: image (C, p0, p1, p2) float32, label and valid (1, p0, p1, p2) float32, centre (the
+          drawn voxel, inside the patch), start, positive, component.
         """
         centre, positive, component = self.draw_centre(rng, positive)
-        return self.extract(centre, positive, component)
+        offset = (0, 0, 0)
+        if self.config.centre_jitter > 0:
+            reach = np.floor(self.config.centre_jitter * (np.asarray(self.config.patch_size) // 2)).astype(np.int64)
+            offset = rng.integers(-reach, reach + 1)
+        return self.extract(centre, positive, component, offset)
 
 
 # ===================================================================================================

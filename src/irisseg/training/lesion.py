@@ -56,7 +56,9 @@ class LesionTrainConfig(YamlConfig):
         (:class:`irisseg.models.unet.UNetConfig`).
       patch: training patch side (voxels, cubic), also the sliding-window size; batch_size: patches per step.
       positive_fraction: share of patches centred on a lesion voxel (component-balanced); the rest are
-        centred anywhere in the body.
+        centred anywhere in the body. centre_jitter: each window moved by up to this fraction of the half
+        patch per axis, so the drawn voxel is not always in the middle
+        (:class:`irisseg.data.patches.PatchConfig`).
       loss: ``dice_bce`` | ``tversky`` | ``focal_dice``; tversky_alpha / tversky_beta: Tversky weights of
         false positives / false negatives; focal_gamma: focal-Dice exponent; batch_dice: overlap terms summed over the whole
         batch (:func:`irisseg.losses.batch_dice`; a lesion-free patch alone gives the soft Dice nothing to learn).
@@ -80,6 +82,7 @@ class LesionTrainConfig(YamlConfig):
     patch: int = 48
     batch_size: int = 2
     positive_fraction: float = 0.5
+    centre_jitter: float = 0.0
     loss: str = "dice_bce"
     tversky_alpha: float = 0.3
     tversky_beta: float = 0.7
@@ -112,6 +115,8 @@ class LesionTrainConfig(YamlConfig):
             raise InputError(f"norm must be 'instance' or 'batch', got {self.norm!r}")
         if not 0.0 <= self.positive_fraction <= 1.0:
             raise InputError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
+        if not 0.0 <= self.centre_jitter < 1.0:
+            raise InputError(f"centre_jitter must be in [0, 1), got {self.centre_jitter}")
         if not 0.0 < self.val_fraction < 1.0:
             raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -320,7 +325,8 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
                                     deep_supervision=cfg.deep_supervision, norm=cfg.norm))
     patches = LesionPatchDataset(
         [(c.image, c.label, c.body) for c in train_cases],
-        config=PatchConfig(patch_size=cfg.patch, positive_fraction=cfg.positive_fraction),
+        config=PatchConfig(patch_size=cfg.patch, positive_fraction=cfg.positive_fraction,
+                           centre_jitter=cfg.centre_jitter),
         augment=cfg.augment_config(), seed=cfg.seed,
         samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size)
     # Workers are not persistent, so each epoch's workers see the epoch set by _PatchEpoch (fresh patches
