@@ -111,18 +111,24 @@ class LesionTrainConfig(YamlConfig):
         if self.patch < 8 or self.patch % (2 ** (len(self.channels) - 1)):
             raise InputError(f"patch must be a multiple of {2 ** (len(self.channels) - 1)} (the U-Net's total "
                              f"stride) and at least 8, got {self.patch}")
-        if self.norm not in ("instance", "batch"):
-            raise InputError(f"norm must be 'instance' or 'batch', got {self.norm!r}")
-        if not 0.0 <= self.positive_fraction <= 1.0:
-            raise InputError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
-        if not 0.0 <= self.centre_jitter < 1.0:
-            raise InputError(f"centre_jitter must be in [0, 1), got {self.centre_jitter}")
+        from irisseg.models.blocks import NORMS
+
+        if self.norm not in NORMS:
+            raise InputError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise InputError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         self.augmentation = dict(self.augmentation or {})
+        self.patch_config()  # invalid sampling settings (positive_fraction, centre_jitter) fail here
         self.augment_config()  # unknown or invalid augmentation keys fail here, before any training
+
+    def patch_config(self):
+        """The patch sampling of this config (:class:`irisseg.data.patches.PatchConfig`)."""
+        from irisseg.data.patches import PatchConfig
+
+        return PatchConfig(patch_size=self.patch, positive_fraction=self.positive_fraction,
+                           centre_jitter=self.centre_jitter)
 
     def augment_config(self):
         """The patch augmentation of this config (:class:`PatchAugmentConfig`), or None without ``augment``."""
@@ -307,7 +313,7 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
     from lightning.pytorch.callbacks import EarlyStopping
 
     from irisseg.data.datasets import load_dataset
-    from irisseg.data.patches import LesionPatchDataset, PatchConfig
+    from irisseg.data.patches import LesionPatchDataset
     from irisseg.models.unet import ResidualUNet, UNetConfig
 
     out = Path(out)
@@ -325,8 +331,7 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
                                     deep_supervision=cfg.deep_supervision, norm=cfg.norm))
     patches = LesionPatchDataset(
         [(c.image, c.label, c.body) for c in train_cases],
-        config=PatchConfig(patch_size=cfg.patch, positive_fraction=cfg.positive_fraction,
-                           centre_jitter=cfg.centre_jitter),
+        config=cfg.patch_config(),
         augment=cfg.augment_config(), seed=cfg.seed,
         samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size)
     # Workers are not persistent, so each epoch's workers see the epoch set by _PatchEpoch (fresh patches
