@@ -200,6 +200,9 @@ def test_lesion_config_rejects_bad_norm_and_jitter():
     with pytest.raises(InputError, match="centre_jitter"):
         LesionTrainConfig(centre_jitter=-0.1)
     assert LesionTrainConfig(norm="batch", centre_jitter=0.5).centre_jitter == 0.5
+    # positive draws are component-balanced unless the config asks for volume-proportional ones
+    assert LesionTrainConfig().patch_config().component_balanced is True
+    assert LesionTrainConfig(component_balanced=False).patch_config().component_balanced is False
 
 
 def oblique_case(seed: int) -> tuple[Volume, Volume]:
