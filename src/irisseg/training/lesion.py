@@ -57,9 +57,9 @@ class LesionTrainConfig(YamlConfig):
       patch: training patch side (voxels, cubic), also the sliding-window size; batch_size: patches per step.
       positive_fraction: share of patches centred on a lesion voxel; the rest are centred anywhere in the
         body. component_balanced: a positive draw picks a lesion component uniformly, then a voxel in it
-        (True: a 20-voxel lesion as often as a 20,000-voxel one), or any lesion voxel of the case uniformly
-        (False: large lesions in proportion to their volume). centre_jitter: each window moved by up to this fraction of the half
-        patch per axis, so the drawn voxel is not always in the middle
+        (True: a 20-voxel lesion as often as a 20,000-voxel one), or any lesion voxel uniformly (False:
+        large lesions in proportion to their volume). centre_jitter: each window moved by up to this
+        fraction of the half patch per axis, so the drawn voxel is not always in the middle
         (:class:`irisseg.data.patches.PatchConfig`).
       loss: ``dice_bce`` | ``tversky`` | ``focal_dice``; tversky_alpha / tversky_beta: Tversky weights of
         false positives / false negatives; focal_gamma: focal-Dice exponent; batch_dice: overlap terms summed over the whole
@@ -131,7 +131,7 @@ class LesionTrainConfig(YamlConfig):
         from irisseg.data.patches import PatchConfig
 
         return PatchConfig(patch_size=self.patch, positive_fraction=self.positive_fraction,
-                           component_balanced=bool(self.component_balanced), centre_jitter=self.centre_jitter)
+                           component_balanced=self.component_balanced, centre_jitter=self.centre_jitter)
 
     def augment_config(self):
         """The patch augmentation of this config (:class:`PatchAugmentConfig`), or None without ``augment``."""
