@@ -19,14 +19,22 @@ import yaml
 from irisseg.cli import main
 from irisseg.errors import InputError
 from irisseg.io import Volume, read_volume, same_geometry, write_volume
-from irisseg.lesion import LesionPredictor, case_metrics, normalize_channels, sliding_window_logits
+from irisseg.lesion import (
+    LesionPredictor,
+    case_metrics,
+    evaluate_dataset,
+    normalize_channels,
+    sliding_window_logits,
+)
 from irisseg.models.unet import ResidualUNet, UNetConfig
 from irisseg.training.lesion import (
+    ABLATION_TTA_COLUMNS,
     METRICS_COLUMNS,
     LesionLightning,
     LesionTrainConfig,
     read_metrics_csv,
     train_lesion,
+    tta_validation,
 )
 
 TINY = dict(channels=[4, 8], deep_supervision=True, patch=16, batch_size=2, steps_per_epoch=2, epochs=2,
@@ -302,10 +310,36 @@ def test_cli_ablate_writes_the_table_and_plots_and_skips_finished_runs(capsys, t
     for png in ("dice_curve.png", "loss_curve.png", "ablation_val_dice.png", "ablation_val_recall.png"):
         assert (out / png).stat().st_size > 5_000, png
     assert list(out.glob("overlay_*.png"))
+    assert "tta_val_dice" not in rows[0] and not (out / "dice_bce" / "val_tta.csv").exists()
     stamp = (out / "dice_bce" / "best" / "model.safetensors").stat().st_mtime_ns
-    code, _, err = run_cli(capsys, *args)
+    code, text, err = run_cli(capsys, *args, "--tta")
     assert code == 0, err
     assert (out / "dice_bce" / "best" / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    assert "dice_bce + TTA" in text
+    with (out / "ablation_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:  # the summary's TTA columns are the means of the per-case mirrored report
+        with (out / r["loss"] / "val_tta.csv").open() as f:
+            report = list(csv.DictReader(f))
+        cases = [c for c in report if c["case"] not in ("mean", "median")]
+        assert [c["case"] for c in cases] == json.loads((out / r["loss"] / "splits.json").read_text())["val"]
+        assert float(r["tta_val_dice"]) == pytest.approx(np.mean([float(c["dice"]) for c in cases]), abs=1e-4)
+        assert float(r["tta_val_lesion_recall"]) == pytest.approx(
+            np.mean([float(c["lesion_recall"]) for c in cases]), abs=1e-4)
+
+
+def test_tta_validation_scores_the_best_model_with_mirroring_and_caches_the_report(trained, dataset):
+    val_ids = json.loads((trained / "splits.json").read_text())["val"]
+    mirrored = evaluate_dataset(LesionPredictor(trained, tta=True), dataset, val_ids)
+    scores = tta_validation(trained, dataset)
+    assert set(scores) == set(ABLATION_TTA_COLUMNS)
+    assert scores["tta_val_dice"] == pytest.approx(np.mean([r["dice"] for r in mirrored]), abs=1e-5)
+    assert scores["tta_val_lesion_precision"] == pytest.approx(
+        np.mean([r["lesion_precision"] for r in mirrored]), abs=1e-5)
+    stamp = (trained / "val_tta.csv").stat().st_mtime_ns
+    assert tta_validation(trained, dataset) == scores
+    assert (trained / "val_tta.csv").stat().st_mtime_ns == stamp  # read back, not predicted again
+    assert not list(trained.glob("*.tmp"))
 
 
 def test_two_channel_dataset_trains_predicts_and_refuses_a_missing_channel(capsys, tmp_path, dataset, tiny_config):

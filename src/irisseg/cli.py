@@ -891,6 +891,7 @@ def lesion_ablate(
     config: Annotated[Path | None, typer.Option("--config", help="YAML settings shared by every run.")] = None,
     patch: Annotated[int | None, typer.Option("--patch", min=8, help="Patch side in voxels.")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Most epochs per run.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Also score each best model on the validation cases with mirror test-time augmentation (8 passes per case).")] = False,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "auto",
 ) -> None:
     """Train one run per loss on the same split and seed, then compare them in one table and plots.
@@ -899,13 +900,15 @@ def lesion_ablate(
     OUT/ablation_summary.csv (best epoch of each: Dice, IoU, lesion recall / precision / F1, HD95),
     dice_curve.png, loss_curve.png, ablation_val_dice.png, ablation_val_recall.png and
     overlay_<case>.png (image / reference / each loss's prediction) for a few validation cases.
+    With --tta each best model is also scored on the validation cases with mirroring (as nnU-Net
+    validates): OUT/<loss>/val_tta.csv per case, tta_val_* columns in the summary and the table.
     """
     from irisseg.training.lesion import LesionTrainConfig, ablate_losses
 
     _check_dataset_dir(data)
     names = _split_names([losses]) or []
     cfg = LesionTrainConfig.with_overrides(config, patch=patch, epochs=epochs)
-    rows = ablate_losses(cfg, data, names, out, device=device)
+    rows = ablate_losses(cfg, data, names, out, device=device, tta=tta)
     table = Table(title="irisseg lesion ablate: validation at each loss's best epoch (lesion-wise recall, "
                         "precision, F1; HD95 mm)", title_justify="left")
     keys = ("val_dice", "val_iou", "val_lesion_recall", "val_lesion_precision", "val_lesion_f1", "val_hd95")
@@ -913,7 +916,9 @@ def lesion_ablate(
         table.add_column(column, justify="left" if column == "loss" else "right")
     for r in rows:
         table.add_row(r["loss"], str(r["best_epoch"]), f"{r['minutes']:.1f}", *(_fmt(r[k], 3) for k in keys))
-    console.print(table)
+        if tta:
+            table.add_row(f"{r['loss']} + TTA", "", "", *(_fmt(r[f"tta_{k}"], 3) for k in keys))
+    Console(width=max(console.width, 110)).print(table)  # nine columns stay legible on an 80-column terminal
     console.print(f"wrote {out}/ablation_summary.csv and plots")
 
 

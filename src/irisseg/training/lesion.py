@@ -366,10 +366,47 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
 #: Columns of ``ablation_summary.csv``: the best epoch (by validation Dice) of each loss's run.
 ABLATION_COLUMNS = ("loss", "best_epoch", "epochs", "minutes", "val_dice", "val_iou", "val_lesion_recall",
                     "val_lesion_precision", "val_lesion_f1", "val_hd95")
+#: Extra columns with ``tta=True``: the best model's validation metrics with mirror test-time augmentation.
+ABLATION_TTA_COLUMNS = ("tta_val_dice", "tta_val_iou", "tta_val_lesion_recall", "tta_val_lesion_precision",
+                        "tta_val_lesion_f1", "tta_val_hd95")
+
+
+def tta_validation(run: str | Path, data: str | Path, device: str = "cpu") -> dict:
+    """Score a finished run's best model on its validation split with mirror test-time augmentation.
+
+    nnU-Net validates its final model this way. The per-case report is cached in
+    ``<run>/val_tta.csv`` (one row per validation case, then ``mean`` and ``median`` rows), so a second
+    call only reads it back.
+
+    Arguments:
+      run (str | Path): a lesion run folder (``best/``, ``splits.json``).
+      data (str | Path): the dataset the run was trained on.
+      device: ``cpu``, ``cuda`` or ``auto``.
+
+    Returns:
+      dict: ``tta_val_<metric>`` -> mean over the validation cases, for the metrics of
+      :data:`ABLATION_TTA_COLUMNS` (HD95 in mm, over the cases where it is finite).
+    """
+    import csv
+
+    from irisseg.lesion import LesionPredictor, evaluate_dataset, summary_rows
+
+    run = Path(run)
+    report = run / "val_tta.csv"
+    if not report.is_file():
+        val_ids = json.loads((run / "splits.json").read_text())["val"]
+        rows = evaluate_dataset(LesionPredictor(run, device=device, tta=True), data, val_ids)
+        tmp = report.with_suffix(".csv.tmp")
+        write_csv(tmp, [*rows, *summary_rows(rows)], float_digits=6)
+        tmp.replace(report)
+    with report.open(newline="") as f:
+        mean = next(r for r in csv.DictReader(f) if r["case"] == "mean")
+    return {f"tta_val_{k}": float(mean[k]) for k in ("dice", "iou", "lesion_recall", "lesion_precision",
+                                                      "lesion_f1", "hd95")}
 
 
 def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], out: str | Path,
-                  device: str = "auto", progress: bool = True, n_overlays: int = 3) -> list[dict]:
+                  device: str = "auto", progress: bool = True, n_overlays: int = 3, tta: bool = False) -> list[dict]:
     """Train one run per loss on the same split and seed, then compare them (``irisseg lesion ablate``).
 
     Arguments:
@@ -381,6 +418,9 @@ def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], o
         ``ablation_val_dice.png`` and ``ablation_val_recall.png`` (bars at each run's best epoch) and
         ``overlay_<case>.png`` for the first ``n_overlays`` validation cases (image, reference, and each
         loss's prediction).
+      tta (bool): also score each run's best model on the validation cases with mirror test-time
+        augmentation (:func:`tta_validation`, 8 passes per case): adds :data:`ABLATION_TTA_COLUMNS` to the
+        summary and a ``<loss> + TTA`` bar after the plain ones in the two bar charts.
 
     Returns:
       list[dict]: the summary rows, in ``losses`` order.
@@ -411,9 +451,12 @@ def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], o
         rows.append({"loss": loss, "best_epoch": best["epoch"], "epochs": len(history),
                      "minutes": history[-1]["seconds"] / 60.0, **{k: best.get(k, float("nan"))
                                                                   for k in ABLATION_COLUMNS[4:]}})
+        if tta:
+            rows[-1].update(tta_validation(run, data, device=device))
         curves[loss] = history
+    columns = (*ABLATION_COLUMNS, *ABLATION_TTA_COLUMNS) if tta else ABLATION_COLUMNS
     write_csv(out / "ablation_summary.csv", [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-                                            for r in rows], ABLATION_COLUMNS)
+                                            for r in rows], columns)
 
     line_plot({loss: ([r["epoch"] for r in h], [r.get("val_dice", math.nan) for r in h]) for loss, h in curves.items()},
               out / "dice_curve.png", xlabel="epoch", ylabel="validation Dice", title="Validation Dice per epoch")
@@ -424,10 +467,13 @@ def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], o
         styles[f"{loss} val"] = "--"
     line_plot(series, out / "loss_curve.png", xlabel="epoch", ylabel="loss", styles=styles,
               title="Training (solid) and validation (dashed) loss")
-    bar_chart({r["loss"]: r["val_dice"] for r in rows}, out / "ablation_val_dice.png", ylabel="validation Dice",
-              title="Validation Dice (best epoch)", ylim=(0, 1))
-    bar_chart({r["loss"]: r["val_lesion_recall"] for r in rows}, out / "ablation_val_recall.png",
-              ylabel="lesion recall", title="Validation lesion recall (best epoch)", ylim=(0, 1))
+    for key, png, label in (("val_dice", "ablation_val_dice.png", "Dice"),
+                            ("val_lesion_recall", "ablation_val_recall.png", "lesion recall")):
+        bars = {r["loss"]: r[key] for r in rows}
+        if tta:
+            bars.update({f"{r['loss']} + TTA": r[f"tta_{key}"] for r in rows})
+        bar_chart(bars, out / png, ylabel=f"validation {label}", ylim=(0, 1),
+                  title=f"Validation {label} (best epoch{'; + TTA: mirrored, 8 passes' if tta else ''})")
     _ablation_overlays(data, losses, out, n_overlays, device)
     return rows
 
