@@ -336,6 +336,8 @@ def test_tta_validation_scores_the_best_model_with_mirroring_and_caches_the_repo
     assert scores["tta_val_dice"] == pytest.approx(np.mean([r["dice"] for r in mirrored]), abs=1e-5)
     assert scores["tta_val_lesion_precision"] == pytest.approx(
         np.mean([r["lesion_precision"] for r in mirrored]), abs=1e-5)
+    # HD95 summarised like val_hd95 during training: the median over the cases (inf for an empty prediction)
+    assert scores["tta_val_hd95"] == pytest.approx(np.median([r["hd95"] for r in mirrored]), abs=1e-4)
     stamp = (trained / "val_tta.csv").stat().st_mtime_ns
     assert tta_validation(trained, dataset) == scores
     assert (trained / "val_tta.csv").stat().st_mtime_ns == stamp  # read back, not predicted again

@@ -384,8 +384,8 @@ def tta_validation(run: str | Path, data: str | Path, device: str = "cpu") -> di
       device: ``cpu``, ``cuda`` or ``auto``.
 
     Returns:
-      dict: ``tta_val_<metric>`` -> mean over the validation cases, for the metrics of
-      :data:`ABLATION_TTA_COLUMNS` (HD95 in mm, over the cases where it is finite).
+      dict: ``tta_val_<metric>`` for the metrics of :data:`ABLATION_TTA_COLUMNS`: the mean over the
+      validation cases, except HD95 (mm), the median over them, as ``val_hd95`` during training.
     """
     import csv
 
@@ -400,9 +400,9 @@ def tta_validation(run: str | Path, data: str | Path, device: str = "cpu") -> di
         write_csv(tmp, [*rows, *summary_rows(rows)], float_digits=6)
         tmp.replace(report)
     with report.open(newline="") as f:
-        mean = next(r for r in csv.DictReader(f) if r["case"] == "mean")
-    return {f"tta_val_{k}": float(mean[k]) for k in ("dice", "iou", "lesion_recall", "lesion_precision",
-                                                      "lesion_f1", "hd95")}
+        summary = {r["case"]: r for r in csv.DictReader(f) if r["case"] in ("mean", "median")}
+    # As in training's validation (``val_hd95``): HD95 is the median over the cases, the rest means.
+    return {f"tta_val_{k}": float(summary["median" if k == "hd95" else "mean"][k]) for k in METRIC_KEYS}
 
 
 def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], out: str | Path,
