@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import lightning as L
 import numpy as np
@@ -342,6 +343,10 @@ def test_tta_validation_scores_the_best_model_with_mirroring_and_caches_the_repo
     assert tta_validation(trained, dataset) == scores
     assert (trained / "val_tta.csv").stat().st_mtime_ns == stamp  # read back, not predicted again
     assert not list(trained.glob("*.tmp"))
+    weights = trained / "best" / "model.safetensors"  # a best model saved after the report: scored again
+    os.utime(weights, ns=(stamp + 10**9, stamp + 10**9))
+    assert tta_validation(trained, dataset) == scores
+    assert (trained / "val_tta.csv").stat().st_mtime_ns > stamp
 
 
 def test_two_channel_dataset_trains_predicts_and_refuses_a_missing_channel(capsys, tmp_path, dataset, tiny_config):

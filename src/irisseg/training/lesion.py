@@ -376,7 +376,7 @@ def tta_validation(run: str | Path, data: str | Path, device: str = "cpu") -> di
 
     nnU-Net validates its final model this way. The per-case report is cached in
     ``<run>/val_tta.csv`` (one row per validation case, then ``mean`` and ``median`` rows), so a second
-    call only reads it back.
+    call only reads it back, unless the best model has been saved again since.
 
     Arguments:
       run (str | Path): a lesion run folder (``best/``, ``splits.json``).
@@ -393,7 +393,8 @@ def tta_validation(run: str | Path, data: str | Path, device: str = "cpu") -> di
 
     run = Path(run)
     report = run / "val_tta.csv"
-    if not report.is_file():
+    weights = run / "best" / "model.safetensors"
+    if not report.is_file() or report.stat().st_mtime_ns < weights.stat().st_mtime_ns:  # none, or stale
         val_ids = json.loads((run / "splits.json").read_text())["val"]
         rows = evaluate_dataset(LesionPredictor(run, device=device, tta=True), data, val_ids)
         tmp = report.with_suffix(".csv.tmp")
