@@ -28,7 +28,7 @@ from irisseg.models.blocks import autocast_for
 from irisseg.preprocess import clip_percentiles, zscore
 
 __all__ = ["LesionPredictor", "body_mask", "check_channels", "normalize_channels", "sliding_window_logits",
-           "case_metrics", "evaluate_dataset", "summary_rows", "resolve_lesion_model_dir", "METRIC_KEYS"]
+           "case_metrics", "evaluate_dataset", "summary_rows", "metric_summary", "resolve_lesion_model_dir", "METRIC_KEYS"]
 
 #: The per-case metrics of a lesion evaluation, in report order.
 METRIC_KEYS = ("dice", "iou", "lesion_recall", "lesion_precision", "lesion_f1", "hd95")
@@ -272,6 +272,21 @@ def evaluate_dataset(predictor: LesionPredictor, data: str | Path, case_ids: Seq
         rows.append({"case": case.case_id, **case_metrics(pred.array, label.array, channels[0].spacing_zyx),
                      "seconds": predictor.seconds})
     return rows
+
+
+def metric_summary(rows: Sequence[dict]) -> dict[str, float]:
+    """One number per metric over cases, as validation reports it: the mean of each of :data:`METRIC_KEYS`,
+    except HD95 (mm), the median (inf for a case with an empty prediction; the median stays finite unless
+    most cases are).
+
+    Arguments:
+      rows (Sequence[dict]): per-case :func:`case_metrics` values (other keys are ignored).
+
+    Returns:
+      dict[str, float]: metric name -> summary.
+    """
+    return {k: float((np.median if k == "hd95" else np.mean)(np.array([r[k] for r in rows], float)))
+            for k in METRIC_KEYS}
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:

@@ -26,7 +26,14 @@ from torch.utils.data import DataLoader
 
 from irisseg.errors import InputError
 from irisseg.io import Volume, write_csv
-from irisseg.lesion import METRIC_KEYS, body_mask, case_metrics, normalize_channels, sliding_window_logits
+from irisseg.lesion import (
+    METRIC_KEYS,
+    body_mask,
+    case_metrics,
+    metric_summary,
+    normalize_channels,
+    sliding_window_logits,
+)
 from irisseg.training.engine import (
     AnnealedModule,
     ListDataset,
@@ -248,10 +255,7 @@ class LesionLightning(AnnealedModule):
             return
         rows = self._val_rows
         summary = {"val_loss": float(np.mean([r["loss"] for r in rows]))}
-        for k in METRIC_KEYS:
-            values = np.array([r[k] for r in rows], float)
-            # HD95 is inf for a case whose prediction is empty: the median stays finite unless most are.
-            summary[f"val_{k}"] = float(np.median(values) if k == "hd95" else values.mean())
+        summary.update({f"val_{k}": v for k, v in metric_summary(rows).items()})
         summary["train_loss"] = float(np.mean(self._train_losses)) if self._train_losses else float("nan")
         self._train_losses = []
         self.epoch_summary = summary
@@ -401,9 +405,8 @@ def tta_validation(run: str | Path, data: str | Path, device: str = "cpu") -> di
         write_csv(tmp, [*rows, *summary_rows(rows)], float_digits=6)
         tmp.replace(report)
     with report.open(newline="") as f:
-        summary = {r["case"]: r for r in csv.DictReader(f) if r["case"] in ("mean", "median")}
-    # As in training's validation (``val_hd95``): HD95 is the median over the cases, the rest means.
-    return {f"tta_val_{k}": float(summary["median" if k == "hd95" else "mean"][k]) for k in METRIC_KEYS}
+        cases = [r for r in csv.DictReader(f) if r["case"] not in ("mean", "median")]
+    return {f"tta_val_{k}": v for k, v in metric_summary(cases).items()}  # summarised as in training
 
 
 def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], out: str | Path,
