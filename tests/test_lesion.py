@@ -203,6 +203,16 @@ def test_weight_average_follows_the_ema_formula_and_is_what_gets_exported(tmp_pa
         LesionTrainConfig(ema_decay=1.0)
 
 
+def test_blocks_per_level_reaches_the_trained_and_exported_network(tmp_path, dataset):
+    cfg = LesionTrainConfig(**{**TINY, "epochs": 1, "steps_per_epoch": 1, "blocks_per_level": 2})
+    run = train_lesion(cfg, dataset, tmp_path / "run", device="cpu", progress=False)
+    net = ResidualUNet.load(run / "best")
+    assert net.config.blocks_per_level == 2
+    assert all(len(level) == 2 for level in net.encoder) and all(len(level) == 2 for level in net.decoder)
+    with pytest.raises(InputError, match="blocks_per_level"):
+        LesionTrainConfig(blocks_per_level=0)
+
+
 def test_lesion_config_rejects_bad_norm_and_jitter():
     with pytest.raises(InputError, match="norm"):
         LesionTrainConfig(norm="group")

@@ -58,8 +58,9 @@ class LesionTrainConfig(YamlConfig):
     """Settings of ``irisseg lesion train`` (a YAML file with these keys; unknown keys are an error).
 
     Attributes:
-      channels: U-Net widths per level (the number of levels is its length); deep_supervision: auxiliary
-        losses at the coarser decoder levels (weights halving per level); norm: ``instance`` | ``batch``
+      channels: U-Net widths per level (the number of levels is its length); blocks_per_level: residual
+        blocks per level in the encoder and in the decoder; deep_supervision: auxiliary losses at the coarser
+        decoder levels (weights halving per level); norm: ``instance`` | ``batch``
         (:class:`irisseg.models.unet.UNetConfig`).
       patch: training patch side (voxels, cubic), also the sliding-window size; batch_size: patches per step.
       positive_fraction: share of patches centred on a lesion voxel; the rest are centred anywhere in the
@@ -86,6 +87,7 @@ class LesionTrainConfig(YamlConfig):
     """
 
     channels: tuple[int, ...] = (16, 32, 64, 128)
+    blocks_per_level: int = 1
     deep_supervision: bool = True
     norm: str = "instance"
     patch: int = 48
@@ -116,6 +118,8 @@ class LesionTrainConfig(YamlConfig):
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
+        if self.blocks_per_level < 1:
+            raise InputError(f"blocks_per_level must be at least 1, got {self.blocks_per_level}")
         if self.loss not in LOSS_NAMES:
             raise InputError(f"unknown loss {self.loss!r} (choose from {', '.join(LOSS_NAMES)})")
         if self.patch < 8 or self.patch % (2 ** (len(self.channels) - 1)):
@@ -335,7 +339,8 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
     n_channels = train_cases[0].image.shape[0]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = ResidualUNet(UNetConfig(in_channels=n_channels, out_channels=1, channels=cfg.channels,
-                                    deep_supervision=cfg.deep_supervision, norm=cfg.norm))
+                                    blocks_per_level=cfg.blocks_per_level, deep_supervision=cfg.deep_supervision,
+                                    norm=cfg.norm))
     patches = LesionPatchDataset(
         [(c.image, c.label, c.body) for c in train_cases],
         config=cfg.patch_config(),
