@@ -211,6 +211,9 @@ def test_blocks_per_level_reaches_the_trained_and_exported_network(tmp_path, dat
     assert all(len(level) == 2 for level in net.encoder) and all(len(level) == 2 for level in net.decoder)
     with pytest.raises(InputError, match="blocks_per_level"):
         LesionTrainConfig(blocks_per_level=0)
+    with pytest.raises(InputError, match="one count per level"):
+        LesionTrainConfig(channels=[8, 16, 32], blocks_per_level=[1, 2])
+    assert LesionTrainConfig(channels=[8, 16, 32], blocks_per_level=[1, 2, 3]).blocks_per_level == (1, 2, 3)
 
 
 def test_lesion_config_rejects_bad_norm_and_jitter():

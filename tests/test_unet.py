@@ -71,7 +71,9 @@ def test_anisotropic_strides_and_2d():
 
 
 def test_save_load_round_trip_reproduces_outputs_exactly(tmp_path):
-    net = _net(seed=3, in_channels=2, out_channels=2, strides=((1, 2, 2), 2), deep_supervision=True)
+    net = _net(seed=3, in_channels=2, out_channels=2, strides=((1, 2, 2), 2), deep_supervision=True,
+               blocks_per_level=[1, 2, 1])  # per level, from a JSON / YAML list
+    assert [len(level) for level in net.encoder] == [1, 2, 1] and [len(level) for level in net.decoder] == [2, 1]
     # move the norms' affine parameters off their defaults so a failed load would show
     with torch.no_grad():
         for p in net.parameters():
@@ -109,6 +111,10 @@ def test_config_validation():
         UNetConfig(channels=(4, 8, 16), strides=(2,))
     with pytest.raises(InputError, match="stride"):
         UNetConfig(channels=(4, 8), strides=((1, 2),))
+    with pytest.raises(InputError, match="one count per level"):
+        UNetConfig(channels=(4, 8, 16), blocks_per_level=(1, 2))
+    with pytest.raises(InputError, match="at least 1"):
+        UNetConfig(channels=(4, 8), blocks_per_level=(1, 0))
     with pytest.raises(InputError, match="unknown"):
         ResidualUNet(widths=(4, 8))
     with pytest.raises(ValueError, match=r"\(B, 1, D, H, W\)"):

@@ -51,7 +51,9 @@ class UNetConfig:
       strides (tuple[int | tuple[int, ...], ...] | None): stride of each down-sampling step
         (``len(channels) - 1`` entries), an int or one int per spatial axis (e.g. ``(1, 2, 2)`` keeps
         thick slices); None: 2 on every axis.
-      blocks_per_level (int): residual blocks per level in the encoder and in the decoder.
+      blocks_per_level (int | tuple[int, ...]): residual blocks per level in the encoder and in the decoder:
+        one count for every level, or one per level, finest first (e.g. ``(1, 2, 2)`` keeps the costly
+        full-resolution level light and deepens the coarser ones).
       spatial_dims (int): 3 for ``(B, C, D, H, W)`` volumes, 2 for ``(B, C, H, W)`` images.
       deep_supervision (bool): add a 1x1 logit head to the coarser decoder levels; in training mode the
         network then returns ``[main, aux_1, ..., aux_k]`` (see :meth:`ResidualUNet.forward`).
@@ -69,7 +71,7 @@ class UNetConfig:
     out_channels: int = 1
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int | tuple[int, ...], ...] | None = None
-    blocks_per_level: int = 1
+    blocks_per_level: int | tuple[int, ...] = 1
     spatial_dims: int = 3
     deep_supervision: bool = False
     deep_supervision_levels: int | None = None
@@ -80,6 +82,7 @@ class UNetConfig:
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in _tuplify(self.channels))
         self.strides = _tuplify(self.strides)
+        self.blocks_per_level = _tuplify(self.blocks_per_level)
         strides = (2,) * (len(self.channels) - 1) if self.strides is None else self.strides
         if self.spatial_dims not in (2, 3):
             raise InputError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
@@ -92,8 +95,12 @@ class UNetConfig:
             per_axis = s if isinstance(s, tuple) else (s,)
             if (isinstance(s, tuple) and len(s) != self.spatial_dims) or any(int(a) < 1 for a in per_axis):
                 raise InputError(f"each stride must be a positive int or {self.spatial_dims} positive ints, got {s!r}")
-        if self.blocks_per_level < 1:
-            raise InputError(f"blocks_per_level must be at least 1, got {self.blocks_per_level}")
+        blocks = self.blocks_per_level
+        if isinstance(blocks, tuple) and len(blocks) != len(self.channels):
+            raise InputError(f"blocks_per_level needs one count per level ({len(self.channels)}) or a single "
+                             f"count, got {blocks}")
+        if any(int(b) < 1 for b in (blocks if isinstance(blocks, tuple) else (blocks,))):
+            raise InputError(f"blocks_per_level must be at least 1, got {blocks}")
         if self.deep_supervision_levels is not None and not 0 <= self.deep_supervision_levels <= len(self.channels) - 2:
             raise InputError(f"deep_supervision_levels must be between 0 and {len(self.channels) - 2}, "
                              f"got {self.deep_supervision_levels}")
@@ -101,6 +108,11 @@ class UNetConfig:
             raise InputError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.pad_mode not in _PAD_MODES:
             raise InputError(f"pad_mode must be one of {', '.join(_PAD_MODES)}, got {self.pad_mode!r}")
+
+    def level_blocks(self) -> list[int]:
+        """Residual blocks of each level, finest first (``len(channels)`` counts)."""
+        blocks = self.blocks_per_level
+        return [int(b) for b in blocks] if isinstance(blocks, tuple) else [int(blocks)] * len(self.channels)
 
     def level_strides(self) -> list[tuple[int, ...]]:
         """The stride of each down-sampling step, one int per spatial axis."""
@@ -121,10 +133,10 @@ class UNetConfig:
 class ResidualUNet(nn.Module):
     """Residual U-Net: residual encoder levels, transposed-convolution up-sampling, skip concatenation.
 
-    Level 0 works at full resolution (``blocks_per_level`` residual blocks, ``channels[0]`` wide); level
-    ``i > 0`` starts with a residual block of stride ``strides[i - 1]``. The decoder goes back up level by
-    level: a transposed convolution (kernel = stride) to ``channels[i - 1]``, concatenation with the
-    encoder's skip, residual block(s). A 1x1 convolution gives the logits. Normalisation is InstanceNorm
+    Level 0 works at full resolution (``channels[0]`` wide); level ``i > 0`` starts with a residual block of
+    stride ``strides[i - 1]``; level ``i`` holds ``level_blocks()[i]`` residual blocks. The decoder goes back
+    up level by level: a transposed convolution (kernel = stride) to ``channels[i - 1]``, concatenation
+    with the encoder's skip, the residual block(s) of level ``i - 1``. A 1x1 convolution gives the logits. Normalisation is InstanceNorm
     (affine; BatchNorm with ``norm="batch"``), the activation LeakyReLU(0.01), as in the IRIS encoder.
 
     Top-level children (what :func:`irisseg.models.iris.count_parameters` reports): ``encoder``,
@@ -144,21 +156,22 @@ class ResidualUNet(nn.Module):
             config = UNetConfig.from_dict({**(config or UNetConfig()).to_dict(), **overrides})
         self.config = config = config or UNetConfig()
         conv, conv_t, _ = nd_layers(config.spatial_dims)
-        ch, strides, n = config.channels, config.level_strides(), config.blocks_per_level
+        ch, strides, n = config.channels, config.level_strides(), config.level_blocks()
 
-        def level(c_in: int, c_out: int, stride) -> nn.Sequential:
+        def level(c_in: int, c_out: int, stride, count: int) -> nn.Sequential:
             dims, norm = config.spatial_dims, config.norm
             blocks = [ResidualBlock(c_in, c_out, stride=stride, spatial_dims=dims, norm=norm)]
-            blocks += [ResidualBlock(c_out, c_out, spatial_dims=dims, norm=norm) for _ in range(n - 1)]
+            blocks += [ResidualBlock(c_out, c_out, spatial_dims=dims, norm=norm) for _ in range(count - 1)]
             return nn.Sequential(*blocks)
 
         self.encoder = nn.ModuleList(
-            [level(config.in_channels, ch[0], 1)] + [level(ch[i - 1], ch[i], strides[i - 1]) for i in range(1, len(ch))]
+            [level(config.in_channels, ch[0], 1, n[0])]
+            + [level(ch[i - 1], ch[i], strides[i - 1], n[i]) for i in range(1, len(ch))]
         )
         # Decoder, coarsest first: upsample[j] / decoder[j] bring level i = L-1-j back to level i-1.
         back = range(len(ch) - 1, 0, -1)
         self.upsample = nn.ModuleList([conv_t(ch[i], ch[i - 1], strides[i - 1], stride=strides[i - 1]) for i in back])
-        self.decoder = nn.ModuleList([level(2 * ch[i - 1], ch[i - 1], 1) for i in back])
+        self.decoder = nn.ModuleList([level(2 * ch[i - 1], ch[i - 1], 1, n[i - 1]) for i in back])
         self.head = conv(ch[0], config.out_channels, 1)
         n_aux = 0
         if config.deep_supervision:

@@ -59,7 +59,7 @@ class LesionTrainConfig(YamlConfig):
 
     Attributes:
       channels: U-Net widths per level (the number of levels is its length); blocks_per_level: residual
-        blocks per level in the encoder and in the decoder; deep_supervision: auxiliary losses at the coarser
+        blocks per level in the encoder and in the decoder, one count or one per level (finest first); deep_supervision: auxiliary losses at the coarser
         decoder levels (weights halving per level); norm: ``instance`` | ``batch``
         (:class:`irisseg.models.unet.UNetConfig`).
       patch: training patch side (voxels, cubic), also the sliding-window size; batch_size: patches per step.
@@ -87,7 +87,7 @@ class LesionTrainConfig(YamlConfig):
     """
 
     channels: tuple[int, ...] = (16, 32, 64, 128)
-    blocks_per_level: int = 1
+    blocks_per_level: int | tuple[int, ...] = 1
     deep_supervision: bool = True
     norm: str = "instance"
     patch: int = 48
@@ -118,8 +118,11 @@ class LesionTrainConfig(YamlConfig):
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
-        if self.blocks_per_level < 1:
-            raise InputError(f"blocks_per_level must be at least 1, got {self.blocks_per_level}")
+        if isinstance(self.blocks_per_level, (list, tuple)):
+            self.blocks_per_level = tuple(int(b) for b in self.blocks_per_level)
+        from irisseg.models.unet import UNetConfig
+
+        UNetConfig(channels=self.channels, blocks_per_level=self.blocks_per_level)  # bad counts fail here
         if self.loss not in LOSS_NAMES:
             raise InputError(f"unknown loss {self.loss!r} (choose from {', '.join(LOSS_NAMES)})")
         if self.patch < 8 or self.patch % (2 ** (len(self.channels) - 1)):
