@@ -136,8 +136,9 @@ class ResidualUNet(nn.Module):
     Level 0 works at full resolution (``channels[0]`` wide); level ``i > 0`` starts with a residual block of
     stride ``strides[i - 1]``; level ``i`` holds ``level_blocks()[i]`` residual blocks. The decoder goes back
     up level by level: a transposed convolution (kernel = stride) to ``channels[i - 1]``, concatenation
-    with the encoder's skip, the residual block(s) of level ``i - 1``. A 1x1 convolution gives the logits. Normalisation is InstanceNorm
-    (affine; BatchNorm with ``norm="batch"``), the activation LeakyReLU(0.01), as in the IRIS encoder.
+    with the encoder's skip, the residual block(s) of level ``i - 1``. A 1x1 convolution gives the logits.
+    Normalisation is InstanceNorm (affine; BatchNorm with ``norm="batch"``), the activation LeakyReLU(0.01),
+    as in the IRIS encoder.
 
     Top-level children (what :func:`irisseg.models.iris.count_parameters` reports): ``encoder``,
     ``upsample``, ``decoder``, ``head`` and, with deep supervision, ``aux_heads``.

@@ -59,9 +59,9 @@ class LesionTrainConfig(YamlConfig):
 
     Attributes:
       channels: U-Net widths per level (the number of levels is its length); blocks_per_level: residual
-        blocks per level in the encoder and in the decoder, one count or one per level (finest first); deep_supervision: auxiliary losses at the coarser
-        decoder levels (weights halving per level); norm: ``instance`` | ``batch``
-        (:class:`irisseg.models.unet.UNetConfig`).
+        blocks per level in the encoder and in the decoder, one count or one per level (finest first);
+        deep_supervision: auxiliary losses at the coarser decoder levels (weights halving per level); norm:
+        ``instance`` | ``batch`` (:class:`irisseg.models.unet.UNetConfig`).
       patch: training patch side (voxels, cubic), also the sliding-window size; batch_size: patches per step.
       positive_fraction: share of patches centred on a lesion voxel; the rest are centred anywhere in the
         body. component_balanced: a positive draw picks a lesion component uniformly, then a voxel in it
