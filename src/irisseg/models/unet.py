@@ -95,12 +95,12 @@ class UNetConfig:
             per_axis = s if isinstance(s, tuple) else (s,)
             if (isinstance(s, tuple) and len(s) != self.spatial_dims) or any(int(a) < 1 for a in per_axis):
                 raise InputError(f"each stride must be a positive int or {self.spatial_dims} positive ints, got {s!r}")
-        blocks = self.blocks_per_level
-        if isinstance(blocks, tuple) and len(blocks) != len(self.channels):
+        counts = self.level_blocks()
+        if len(counts) != len(self.channels):
             raise InputError(f"blocks_per_level needs one count per level ({len(self.channels)}) or a single "
-                             f"count, got {blocks}")
-        if any(int(b) < 1 for b in (blocks if isinstance(blocks, tuple) else (blocks,))):
-            raise InputError(f"blocks_per_level must be at least 1, got {blocks}")
+                             f"count, got {self.blocks_per_level}")
+        if min(counts) < 1:
+            raise InputError(f"blocks_per_level must be at least 1, got {self.blocks_per_level}")
         if self.deep_supervision_levels is not None and not 0 <= self.deep_supervision_levels <= len(self.channels) - 2:
             raise InputError(f"deep_supervision_levels must be between 0 and {len(self.channels) - 2}, "
                              f"got {self.deep_supervision_levels}")
@@ -110,7 +110,7 @@ class UNetConfig:
             raise InputError(f"pad_mode must be one of {', '.join(_PAD_MODES)}, got {self.pad_mode!r}")
 
     def level_blocks(self) -> list[int]:
-        """Residual blocks of each level, finest first (``len(channels)`` counts)."""
+        """Residual blocks of each level, finest first (``len(channels)`` counts in a valid config)."""
         blocks = self.blocks_per_level
         return [int(b) for b in blocks] if isinstance(blocks, tuple) else [int(blocks)] * len(self.channels)
 

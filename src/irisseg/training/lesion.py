@@ -118,11 +118,10 @@ class LesionTrainConfig(YamlConfig):
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
-        if isinstance(self.blocks_per_level, (list, tuple)):
-            self.blocks_per_level = tuple(int(b) for b in self.blocks_per_level)
         from irisseg.models.unet import UNetConfig
 
-        UNetConfig(channels=self.channels, blocks_per_level=self.blocks_per_level)  # bad counts fail here
+        # the U-Net's own checks (bad counts fail here) and its form: a YAML list becomes a tuple
+        self.blocks_per_level = UNetConfig(channels=self.channels, blocks_per_level=self.blocks_per_level).blocks_per_level
         if self.loss not in LOSS_NAMES:
             raise InputError(f"unknown loss {self.loss!r} (choose from {', '.join(LOSS_NAMES)})")
         if self.patch < 8 or self.patch % (2 ** (len(self.channels) - 1)):
