@@ -31,7 +31,6 @@ from irisseg.models.unet import ResidualUNet, UNetConfig
 from irisseg.training.lesion import (
     ABLATION_TTA_COLUMNS,
     METRICS_COLUMNS,
-    HardPatchReplay,
     LesionLightning,
     LesionTrainConfig,
     read_metrics_csv,
@@ -215,61 +214,6 @@ def test_blocks_per_level_reaches_the_trained_and_exported_network(tmp_path, dat
     with pytest.raises(InputError, match="one count per level"):
         LesionTrainConfig(channels=[8, 16, 32], blocks_per_level=[1, 2])
     assert LesionTrainConfig(channels=[8, 16, 32], blocks_per_level=[1, 2, 3]).blocks_per_level == (1, 2, 3)
-
-
-def _mirrors(x: torch.Tensor) -> list[torch.Tensor]:
-    """Every mirror of a (C, D, H, W) patch over its spatial axes."""
-    return [x.flip([a + 1 for a in range(3) if m >> a & 1]) if m else x for m in range(8)]
-
-
-def test_hard_patch_replay_brings_back_the_worst_patches_mirrored_and_at_most_max_replays_times():
-    gen = torch.Generator().manual_seed(0)
-    image = torch.randn(4, 1, 6, 6, 6, generator=gen)
-    label = torch.zeros(4, 1, 6, 6, 6)
-    label[:, :, 2:4, 2:4, 1:5] = 1.0
-    label[3] = 0.0  # a lesion-free patch
-    logits = torch.where(label > 0, 8.0, -8.0)  # every patch right ...
-    logits[1] = -logits[1]  # ... but patch 1: lesion missed, background called lesion
-    logits[3, :, :3] = 8.0  # and patch 3: false positives on a lesion-free patch
-    replay = HardPatchReplay(count=2, size=3, max_replays=2, seed=0)
-    same, _, counts = replay.mix(image, label)  # an empty buffer replaces nothing
-    assert torch.equal(same, image) and counts == [0, 0, 0, 0]
-    replay.push(logits, image, label, counts)
-    assert len(replay.items) == 3  # the buffer keeps its size, the hardest first
-    fresh = torch.randn(4, 1, 6, 6, 6, generator=gen)
-    mixed, mixed_label, counts = replay.mix(fresh, torch.zeros_like(label))
-    assert counts == [0, 0, 1, 1]
-    assert torch.equal(mixed[:2], fresh[:2])  # fresh patches first, replayed ones in the last places
-    # the two replayed patches are the wrong ones (1 and 3), each under one mirror of image and label alike
-    sources = []
-    for b in (2, 3):
-        source, m = next((s, i) for s in range(4) for i, v in enumerate(_mirrors(image[s])) if torch.equal(v, mixed[b]))
-        assert torch.equal(_mirrors(label[source])[m], mixed_label[b])
-        sources.append(source)
-    assert sorted(sources) == [1, 3]
-    # a patch replayed max_replays times is not kept again, however wrong it still is
-    replay = HardPatchReplay(count=1, size=4, max_replays=1)
-    replay.push(logits, image, label, [0, 0, 0, 0])
-    _, _, counts = replay.mix(image, label)
-    before = len(replay.items)
-    replay.push(torch.full_like(logits, 8.0) * (1 - 2 * label), image, label, counts)  # every patch wrong now
-    assert len(replay.items) == min(4, before + 3)  # the three fresh ones, not the replayed one
-    assert all(item[3] == 0 for item in replay.items)
-    with pytest.raises(InputError, match="hard_replay"):
-        LesionTrainConfig(hard_replay=1.0)
-
-
-def test_training_with_hard_patch_replay_runs_and_replays(tmp_path, dataset):
-    cfg = LesionTrainConfig(**{**TINY, "epochs": 1, "steps_per_epoch": 3, "hard_replay": 0.5})
-    seen = []
-
-    class Watch(L.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            seen.append(len(module.replay.items))
-
-    run = train_lesion(cfg, dataset, tmp_path / "run", device="cpu", progress=False, callbacks=[Watch()])
-    assert (run / "best" / "model.safetensors").is_file()
-    assert seen == [2, 3, 4]  # two fresh patches a step enter the buffer, one leaves it as a replay
 
 
 def test_lesion_config_rejects_bad_norm_and_jitter():

@@ -83,9 +83,6 @@ class LesionTrainConfig(YamlConfig):
       augment: random flips, intensity scale / shift and noise on training patches; augmentation: overrides
         of :class:`irisseg.data.patches.PatchAugmentConfig`'s fields (e.g. ``{spatial_prob: 0.2,
         gamma_prob: 0.3}`` for nnU-Net-style rotation / zoom and gamma), used when ``augment`` is true.
-      hard_replay: share of each batch (rounded down to whole patches) given to patches the network got most
-        wrong in earlier steps, replayed from a small buffer (:class:`HardPatchReplay`; 0: none); hard_buffer:
-        that buffer's size in patches; hard_max_replays: times one patch may be replayed.
       num_workers: DataLoader workers drawing patches; num_threads: torch threads (None: default); seed.
     """
 
@@ -115,9 +112,6 @@ class LesionTrainConfig(YamlConfig):
     threshold: float = 0.5
     augment: bool = True
     augmentation: dict = field(default_factory=dict)
-    hard_replay: float = 0.0
-    hard_buffer: int = 32
-    hard_max_replays: int = 2
     num_workers: int = 1
     num_threads: int | None = None
     seed: int = 0
@@ -141,9 +135,6 @@ class LesionTrainConfig(YamlConfig):
             raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise InputError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.hard_replay < 1.0 or self.hard_buffer < 1 or self.hard_max_replays < 1:
-            raise InputError(f"hard_replay must be in [0, 1) and hard_buffer, hard_max_replays at least 1, got "
-                             f"{self.hard_replay}, {self.hard_buffer}, {self.hard_max_replays}")
         self.augmentation = dict(self.augmentation or {})
         self.patch_config()  # invalid sampling settings (positive_fraction, centre_jitter) fail here
         self.augment_config()  # unknown or invalid augmentation keys fail here, before any training
@@ -223,67 +214,6 @@ def make_loss(cfg: LesionTrainConfig):
     return batch_dice(loss) if cfg.batch_dice else loss
 
 
-class HardPatchReplay:
-    """A small buffer of the training patches the network got most wrong, replayed in later batches.
-
-    Online hard-example mining without extra forward passes: after each step every patch of the batch is
-    scored by its soft Dice loss with smoothing 1 (:func:`irisseg.losses.soft_dice_loss` of the full-resolution
-    output: near 0 for a right patch, lesion-free ones included; near 1 for a missed lesion or a patch of
-    false positives), and the buffer keeps the ``size`` highest-scoring patches. Each step, ``count`` patches
-    of the fresh batch are replaced by the hardest buffered ones, each under a random mirror; a replayed patch
-    is scored again and may come back, at most ``max_replays`` times, so a patch the network cannot learn
-    (a lesion invisible in the image) does not take over the batches.
-
-    Arguments:
-      count (int): patches replaced per batch (0: off).
-      size (int): buffer size in patches.
-      max_replays (int): most replays of one patch.
-      seed (int): seed of the mirrors.
-    """
-
-    def __init__(self, count: int, size: int = 32, max_replays: int = 2, seed: int = 0):
-        self.count, self.size, self.max_replays = int(count), int(size), int(max_replays)
-        self.items: list[tuple[float, torch.Tensor, torch.Tensor, int]] = []  # (score, image, label, replays)
-        self.gen = torch.Generator().manual_seed(int(seed))
-
-    def mix(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Replace the last patches of a batch by the hardest buffered ones.
-
-        Arguments:
-          image (torch.Tensor): (B, C, p, p, p) fresh patches; label (torch.Tensor): (B, 1, p, p, p).
-
-        Returns:
-          tuple: the image and label batches (same shapes) and the replay count of every batch item (0: fresh).
-        """
-        k = min(self.count, len(self.items), image.shape[0] - 1)
-        counts = [0] * image.shape[0]
-        if k <= 0:
-            return image, label, counts
-        self.items.sort(key=lambda item: item[0], reverse=True)
-        hard, self.items = self.items[:k], self.items[k:]
-        image, label = image.clone(), label.clone()
-        for j, (_, im, lab, replays) in enumerate(hard):
-            axes = [a + 1 for a in range(3) if torch.rand((), generator=self.gen) < 0.5]
-            b = image.shape[0] - k + j
-            image[b] = (im.flip(axes) if axes else im).to(image)
-            label[b] = (lab.flip(axes) if axes else lab).to(label)
-            counts[b] = replays + 1
-        return image, label, counts
-
-    def push(self, logits: torch.Tensor, image: torch.Tensor, label: torch.Tensor, counts: list[int]) -> None:
-        """Score a trained batch (``logits`` (B, 1, p, p, p) of the full-resolution output) and keep the hardest."""
-        from irisseg.losses import soft_dice_loss
-
-        scores = soft_dice_loss(logits.detach().float(), label.float(), reduction="none", smooth_nr=1.0,
-                                smooth_dr=1.0)[:, 0].tolist()
-        for b, score in enumerate(scores):
-            if counts[b] < self.max_replays:
-                self.items.append((score, image[b].detach().cpu(), label[b].detach().cpu(), counts[b]))
-        if len(self.items) > self.size:
-            self.items.sort(key=lambda item: item[0], reverse=True)
-            del self.items[self.size:]
-
-
 class LesionLightning(AnnealedModule):
     """LightningModule for patch training and whole-volume validation of a lesion U-Net."""
 
@@ -292,8 +222,6 @@ class LesionLightning(AnnealedModule):
         self.model, self.cfg, self.val_cases = model, cfg, val_cases
         self.setup_ema()
         self.loss_fn = make_loss(cfg)
-        self.replay = HardPatchReplay(int(cfg.hard_replay * cfg.batch_size), cfg.hard_buffer, cfg.hard_max_replays,
-                                      cfg.seed) if cfg.hard_replay > 0 else None
         self.best_val = -math.inf
         self._train_losses: list[float] = []
         self._val_rows: list[dict] = []
@@ -310,13 +238,7 @@ class LesionLightning(AnnealedModule):
         return self.loss_fn(out, target)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        image, label = batch["image"], batch["label"]
-        if self.replay is not None:
-            image, label, counts = self.replay.mix(image, label)
-        out = self.model(image)
-        loss = self._loss(out, label)  # losses work in float32 under autocast
-        if self.replay is not None:
-            self.replay.push(out[0] if isinstance(out, (list, tuple)) else out, image, label, counts)
+        loss = self._loss(self.model(batch["image"]), batch["label"])  # losses work in float32 under autocast
         self._train_losses.append(float(loss.detach()))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
