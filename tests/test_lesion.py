@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 
 import lightning as L
 import numpy as np
@@ -326,10 +327,12 @@ def test_cli_ablate_writes_the_table_and_plots_and_skips_finished_runs(capsys, t
     assert list(out.glob("overlay_*.png"))
     assert "tta_val_dice" not in rows[0] and not (out / "dice_bce" / "val_tta.csv").exists()
     stamp = (out / "dice_bce" / "best" / "model.safetensors").stat().st_mtime_ns
-    code, text, err = run_cli(capsys, *args, "--tta")
+    heldout = tmp_path / "Dataset002_Heldout"
+    assert main(["synth", "--mode", "lesion", "--cases", "2", "--shape", "20", "--seed", "78", "--out", str(heldout)]) == 0
+    code, text, err = run_cli(capsys, *args, "--tta", "--test", heldout)
     assert code == 0, err
     assert (out / "dice_bce" / "best" / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
-    assert "dice_bce + TTA" in text
+    assert "dice_bce + TTA" in text and "tversky test" in text
     with (out / "ablation_summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     for r in rows:  # the summary's TTA columns are the means of the per-case mirrored report
@@ -340,6 +343,25 @@ def test_cli_ablate_writes_the_table_and_plots_and_skips_finished_runs(capsys, t
         assert float(r["tta_val_dice"]) == pytest.approx(np.mean([float(c["dice"]) for c in cases]), abs=1e-4)
         assert float(r["tta_val_lesion_recall"]) == pytest.approx(
             np.mean([float(c["lesion_recall"]) for c in cases]), abs=1e-4)
+        # The held-out columns: the best model (no TTA) on every labelled case of the other dataset.
+        scored = evaluate_dataset(LesionPredictor(out / r["loss"]), heldout)
+        assert [c["case"] for c in scored] == ["case_0000", "case_0001"]
+        assert float(r["test_dice"]) == pytest.approx(np.mean([c["dice"] for c in scored]), abs=1e-4)
+        assert float(r["test_lesion_recall"]) == pytest.approx(np.mean([c["lesion_recall"] for c in scored]), abs=1e-4)
+        with (out / r["loss"] / "test_report.csv").open() as f:
+            assert [c["case"] for c in csv.DictReader(f)] == ["case_0000", "case_0001", "mean", "median"]
+
+    # A held-out set that is the training data, or has no labels, is refused before anything trains.
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(heldout, unlabelled)
+    shutil.rmtree(unlabelled / "labelsTr")
+    for test, message in ((dataset, "is the training dataset itself"), (tmp_path / "nope", "no such dataset folder"),
+                          (unlabelled, "without a label")):
+        fresh = tmp_path / "refused"
+        code, _, err = run_cli(capsys, "lesion", "ablate", "--data", dataset, "--losses", "focal_dice", "--config",
+                               tiny_config, "--epochs", "1", "--out", fresh, "--device", "cpu", "--test", test)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert not fresh.exists()
 
 
 def test_tta_validation_scores_the_best_model_with_mirroring_and_caches_the_report(trained, dataset):

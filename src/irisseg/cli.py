@@ -892,6 +892,7 @@ def lesion_ablate(
     patch: Annotated[int | None, typer.Option("--patch", min=8, help="Patch side in voxels.")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Most epochs per run.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Also score each best model on the validation cases with mirror test-time augmentation (8 passes per case).")] = False,
+    test: Annotated[Path | None, typer.Option("--test", help="Held-out labelled dataset folder (cases never trained or validated on): each best model is also scored on all of its labelled cases.")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "auto",
 ) -> None:
     """Train one run per loss on the same split and seed, then compare them in one table and plots.
@@ -902,13 +903,19 @@ def lesion_ablate(
     overlay_<case>.png (image / reference / each loss's prediction) for a few validation cases.
     With --tta each best model is also scored on the validation cases with mirroring (as nnU-Net
     validates): OUT/<loss>/val_tta.csv per case, tta_val_* columns in the summary and the table.
+    With --test DIR each best model is also scored on every labelled case of DIR (imagesTr/labelsTr and
+    imagesTs/labelsTs), e.g. another `irisseg synth` seed: OUT/<loss>/test_report.csv per case, test_*
+    columns in the summary, a "<loss> test" row and bars. The validation numbers pick the best epoch
+    and come from a few dozen cases; a held-out set of a hundred or more measures the model.
     """
     from irisseg.training.lesion import LesionTrainConfig, ablate_losses
 
     _check_dataset_dir(data)
+    if test is not None:
+        _check_dataset_dir(test)
     names = _split_names([losses]) or []
     cfg = LesionTrainConfig.with_overrides(config, patch=patch, epochs=epochs)
-    rows = ablate_losses(cfg, data, names, out, device=device, tta=tta)
+    rows = ablate_losses(cfg, data, names, out, device=device, tta=tta, test_data=test)
     table = Table(title="irisseg lesion ablate: validation at each loss's best epoch (lesion-wise recall, "
                         "precision, F1; HD95 mm)", title_justify="left")
     keys = ("val_dice", "val_iou", "val_lesion_recall", "val_lesion_precision", "val_lesion_f1", "val_hd95")
@@ -918,6 +925,8 @@ def lesion_ablate(
         table.add_row(r["loss"], str(r["best_epoch"]), f"{r['minutes']:.1f}", *(_fmt(r[k], 3) for k in keys))
         if tta:
             table.add_row(f"{r['loss']} + TTA", "", "", *(_fmt(r[f"tta_{k}"], 3) for k in keys))
+        if test is not None:
+            table.add_row(f"{r['loss']} test", "", "", *(_fmt(r[k.replace("val_", "test_", 1)], 3) for k in keys))
     Console(width=max(console.width, 110)).print(table)  # nine columns stay legible on an 80-column terminal
     console.print(f"wrote {out}/ablation_summary.csv and plots")
 

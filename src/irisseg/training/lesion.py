@@ -380,6 +380,31 @@ ABLATION_COLUMNS = ("loss", "best_epoch", "epochs", "minutes", "val_dice", "val_
 #: Extra columns with ``tta=True``: the best model's validation metrics with mirror test-time augmentation.
 ABLATION_TTA_COLUMNS = ("tta_val_dice", "tta_val_iou", "tta_val_lesion_recall", "tta_val_lesion_precision",
                         "tta_val_lesion_f1", "tta_val_hd95")
+#: Extra columns with a held-out test dataset: the best model's metrics on every labelled case of it.
+ABLATION_TEST_COLUMNS = ("test_dice", "test_iou", "test_lesion_recall", "test_lesion_precision", "test_lesion_f1",
+                         "test_hd95")
+
+
+def _score_best_model(run: Path, data: str | Path, report: Path, case_ids: list[str] | None, tta: bool,
+                      reuse: bool, device: str) -> dict:
+    """Score ``run/best`` on cases of ``data``, writing the per-case ``report`` (then mean and median rows).
+
+    With ``reuse`` an existing report newer than the best weights is read back rather than predicted again.
+    Returns the :func:`~irisseg.lesion.metric_summary` of the cases (as validation summarises them).
+    """
+    import csv
+
+    from irisseg.lesion import LesionPredictor, evaluate_dataset, summary_rows
+
+    weights = run / "best" / "model.safetensors"
+    if not (reuse and report.is_file() and report.stat().st_mtime_ns >= weights.stat().st_mtime_ns):
+        rows = evaluate_dataset(LesionPredictor(run, device=device, tta=tta), data, case_ids)
+        tmp = report.with_suffix(".csv.tmp")
+        write_csv(tmp, [*rows, *summary_rows(rows)], float_digits=6)
+        tmp.replace(report)
+    with report.open(newline="") as f:
+        cases = [r for r in csv.DictReader(f) if r["case"] not in ("mean", "median")]
+    return metric_summary(cases)
 
 
 def tta_validation(run: str | Path, data: str | Path, device: str = "cpu") -> dict:
@@ -398,26 +423,53 @@ def tta_validation(run: str | Path, data: str | Path, device: str = "cpu") -> di
       dict: ``tta_val_<metric>`` for the metrics of :data:`ABLATION_TTA_COLUMNS`: the mean over the
       validation cases, except HD95 (mm), the median over them, as ``val_hd95`` during training.
     """
-    import csv
-
-    from irisseg.lesion import LesionPredictor, evaluate_dataset, summary_rows
-
     run = Path(run)
-    report = run / "val_tta.csv"
-    weights = run / "best" / "model.safetensors"
-    if not report.is_file() or report.stat().st_mtime_ns < weights.stat().st_mtime_ns:  # none, or stale
-        val_ids = json.loads((run / "splits.json").read_text())["val"]
-        rows = evaluate_dataset(LesionPredictor(run, device=device, tta=True), data, val_ids)
-        tmp = report.with_suffix(".csv.tmp")
-        write_csv(tmp, [*rows, *summary_rows(rows)], float_digits=6)
-        tmp.replace(report)
-    with report.open(newline="") as f:
-        cases = [r for r in csv.DictReader(f) if r["case"] not in ("mean", "median")]
-    return {f"tta_val_{k}": v for k, v in metric_summary(cases).items()}  # summarised as in training
+    val_ids = json.loads((run / "splits.json").read_text())["val"]
+    scores = _score_best_model(run, data, run / "val_tta.csv", val_ids, tta=True, reuse=True, device=device)
+    return {f"tta_val_{k}": v for k, v in scores.items()}
+
+
+def heldout_scores(run: str | Path, test_data: str | Path, device: str = "cpu") -> dict:
+    """Score a finished run's best model on a held-out labelled dataset (no test-time augmentation).
+
+    The best epoch is chosen on the validation cases, so its validation Dice is biased upwards, and a
+    validation split of a few dozen cases varies by several Dice points from split to split; cases the
+    run never saw, in numbers, measure the model. Always predicted afresh; the per-case report goes to
+    ``<run>/test_report.csv`` (one row per case, then ``mean`` and ``median`` rows).
+
+    Arguments:
+      run (str | Path): a lesion run folder (``best/``).
+      test_data (str | Path): nnU-Net-style dataset folder; all its labelled cases (``labelsTr`` and
+        ``labelsTs``) are scored, so it must not share cases with the training data.
+      device: ``cpu``, ``cuda`` or ``auto``.
+
+    Returns:
+      dict: ``test_<metric>`` for the metrics of :data:`ABLATION_TEST_COLUMNS`: the mean over the cases,
+      except HD95 (mm), the median over them.
+    """
+    run = Path(run)
+    scores = _score_best_model(run, test_data, run / "test_report.csv", None, tta=False, reuse=False, device=device)
+    return {f"test_{k}": v for k, v in scores.items()}
+
+
+def _check_heldout(data: str | Path, test_data: str | Path) -> None:
+    """Refuse, before any training, a held-out dataset that is the training data, has no labelled case or
+    has another number of channels."""
+    from irisseg.data.datasets import load_dataset
+
+    if Path(test_data).resolve() == Path(data).resolve():
+        raise InputError(f"{test_data}: the held-out test dataset is the training dataset itself")
+    train, test = load_dataset(data), load_dataset(test_data)
+    if not any(c.label_path is not None for c in [*test.cases, *test.test_cases]):
+        raise InputError(f"{test_data}: no labelled case to test on (labelsTr / labelsTs)")
+    if test.num_channels != train.num_channels:
+        raise InputError(f"{test_data}: {test.num_channels} image channel(s), the training dataset {data} has "
+                         f"{train.num_channels}")
 
 
 def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], out: str | Path,
-                  device: str = "auto", progress: bool = True, n_overlays: int = 3, tta: bool = False) -> list[dict]:
+                  device: str = "auto", progress: bool = True, n_overlays: int = 3, tta: bool = False,
+                  test_data: str | Path | None = None) -> list[dict]:
     """Train one run per loss on the same split and seed, then compare them (``irisseg lesion ablate``).
 
     Arguments:
@@ -432,6 +484,9 @@ def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], o
       tta (bool): also score each run's best model on the validation cases with mirror test-time
         augmentation (:func:`tta_validation`, 8 passes per case): adds :data:`ABLATION_TTA_COLUMNS` to the
         summary and a ``<loss> + TTA`` bar after the plain ones in the two bar charts.
+      test_data (str | Path | None): a held-out labelled dataset (cases the runs never saw): each run's
+        best model is also scored on all its labelled cases (:func:`heldout_scores`): adds
+        :data:`ABLATION_TEST_COLUMNS` to the summary and a ``<loss> test`` bar to the two bar charts.
 
     Returns:
       list[dict]: the summary rows, in ``losses`` order.
@@ -445,6 +500,8 @@ def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], o
     if not losses or unknown:
         raise InputError(f"--losses: unknown loss(es) {', '.join(unknown) or '(none given)'} "
                          f"(choose from {', '.join(LOSS_NAMES)})")
+    if test_data is not None:
+        _check_heldout(data, test_data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, curves = [], {}
@@ -464,8 +521,11 @@ def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], o
                                                                   for k in ABLATION_COLUMNS[4:]}})
         if tta:
             rows[-1].update(tta_validation(run, data, device=device))
+        if test_data is not None:
+            rows[-1].update(heldout_scores(run, test_data, device=device))
         curves[loss] = history
-    columns = (*ABLATION_COLUMNS, *ABLATION_TTA_COLUMNS) if tta else ABLATION_COLUMNS
+    columns = (*ABLATION_COLUMNS, *(ABLATION_TTA_COLUMNS if tta else ()),
+               *(ABLATION_TEST_COLUMNS if test_data is not None else ()))
     write_csv(out / "ablation_summary.csv", [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                                             for r in rows], columns)
 
@@ -483,8 +543,11 @@ def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], o
         bars = {r["loss"]: r[key] for r in rows}
         if tta:
             bars.update({f"{r['loss']} + TTA": r[f"tta_{key}"] for r in rows})
-        bar_chart(bars, out / png, ylabel=f"validation {label}", ylim=(0, 1),
-                  title=f"Validation {label} (best epoch{'; + TTA: mirrored, 8 passes' if tta else ''})")
+        if test_data is not None:
+            bars.update({f"{r['loss']} test": r[key.replace("val_", "test_", 1)] for r in rows})
+        notes = [*(["+ TTA: mirrored, 8 passes"] if tta else []), *(["test: held-out cases"] if test_data is not None else [])]
+        bar_chart(bars, out / png, ylabel=label, ylim=(0, 1),
+                  title=f"Validation {label} (best epoch{'; ' + '; '.join(notes) if notes else ''})")
     _ablation_overlays(data, losses, out, n_overlays, device)
     return rows
 
