@@ -432,10 +432,10 @@ def tta_validation(run: str | Path, data: str | Path, device: str = "cpu") -> di
 def heldout_scores(run: str | Path, test_data: str | Path, device: str = "cpu") -> dict:
     """Score a finished run's best model on a held-out labelled dataset (no test-time augmentation).
 
-    The best epoch is chosen on the validation cases, so its validation Dice is biased upwards, and a
-    validation split of a few dozen cases varies by several Dice points from split to split; cases the
-    run never saw, in numbers, measure the model. Always predicted afresh; the per-case report goes to
-    ``<run>/test_report.csv`` (one row per case, then ``mean`` and ``median`` rows).
+    The best epoch is picked on the validation cases, so its validation Dice is biased upwards, and the
+    mean over a few dozen validation cases moves by several Dice points from one split to another; a
+    hundred or more cases the run never saw measure the model itself. Always predicted afresh; the
+    per-case report goes to ``<run>/test_report.csv`` (one row per case, then ``mean`` and ``median`` rows).
 
     Arguments:
       run (str | Path): a lesion run folder (``best/``).
@@ -545,7 +545,8 @@ def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], o
             bars.update({f"{r['loss']} + TTA": r[f"tta_{key}"] for r in rows})
         if test_data is not None:
             bars.update({f"{r['loss']} test": r[key.replace("val_", "test_", 1)] for r in rows})
-        notes = [*(["+ TTA: mirrored, 8 passes"] if tta else []), *(["test: held-out cases"] if test_data is not None else [])]
+        notes = ["+ TTA: mirrored, 8 passes"] if tta else []
+        notes += ["test: held-out cases"] if test_data is not None else []
         bar_chart(bars, out / png, ylabel=label, ylim=(0, 1),
                   title=f"Validation {label} (best epoch{'; ' + '; '.join(notes) if notes else ''})")
     _ablation_overlays(data, losses, out, n_overlays, device)
