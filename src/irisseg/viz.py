@@ -273,7 +273,7 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], out
 def bar_chart(values: Mapping[str, float], out_png: str | os.PathLike, *, ylabel: str, title: str | None = None,
               errors: Mapping[str, float] | None = None, ylim: tuple[float, float] | None = None,
               dpi: int = 110) -> Path:
-    """One bar per name with its value printed above it (e.g. validation Dice per loss).
+    """One bar per name with its value printed above it (inside its top when it reaches the top of ``ylim``).
 
     Arguments:
       values: ``{name: value}`` in drawing order. errors: optional ``{name: error bar half-length}``.
@@ -291,8 +291,10 @@ def bar_chart(values: Mapping[str, float], out_png: str | os.PathLike, *, ylabel
     yerr = [float(errors.get(n, 0.0)) for n in names] if errors else None
     bars = ax.bar(names, heights, yerr=yerr, color=[COLOURS[i % len(COLOURS)] for i in range(len(names))], capsize=3)
     for bar, h in zip(bars, heights, strict=True):
-        ax.annotate(f"{h:.3f}", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=8,
-                    xytext=(0, 2), textcoords="offset points")
+        inside = bool(ylim) and h > ylim[1] - 0.08 * (ylim[1] - ylim[0])  # above the axes it would meet the title
+        ax.annotate(f"{h:.3f}", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="top" if inside else "bottom",
+                    fontsize=8, xytext=(0, -2 if inside else 2), textcoords="offset points",
+                    color="white" if inside else "black")
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)

@@ -545,10 +545,10 @@ def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], o
             bars.update({f"{r['loss']} + TTA": r[f"tta_{key}"] for r in rows})
         if test_data is not None:
             bars.update({f"{r['loss']} test": r[key.replace("val_", "test_", 1)] for r in rows})
-        notes = ["+ TTA: mirrored, 8 passes"] if tta else []
+        notes = ["validation"] + (["+ TTA: mirrored, 8 passes"] if tta else [])
         notes += ["test: held-out cases"] if test_data is not None else []
         bar_chart(bars, out / png, ylabel=label, ylim=(0, 1),
-                  title=f"Validation {label} (best epoch{'; ' + '; '.join(notes) if notes else ''})")
+                  title=f"{label[0].upper()}{label[1:]} at each loss's best epoch ({'; '.join(notes)})")
     _ablation_overlays(data, losses, out, n_overlays, device)
     return rows
 
