@@ -355,8 +355,15 @@ def test_cli_ablate_writes_the_table_and_plots_and_skips_finished_runs(capsys, t
     unlabelled = tmp_path / "unlabelled"
     shutil.copytree(heldout, unlabelled)
     shutil.rmtree(unlabelled / "labelsTr")
+    two_channel = tmp_path / "two_channel"
+    shutil.copytree(heldout, two_channel)
+    for first in sorted((two_channel / "imagesTr").glob("*_0000.nii.gz")):
+        shutil.copy(first, first.with_name(first.name.replace("_0000.", "_0001.")))
+    meta = json.loads((two_channel / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "synthetic", "1": "copy"}
+    (two_channel / "dataset.json").write_text(json.dumps(meta))
     for test, message in ((dataset, "is the training dataset itself"), (tmp_path / "nope", "no such dataset folder"),
-                          (unlabelled, "without a label")):
+                          (unlabelled, "without a label"), (two_channel, "2 image channel(s)")):
         fresh = tmp_path / "refused"
         code, _, err = run_cli(capsys, "lesion", "ablate", "--data", dataset, "--losses", "focal_dice", "--config",
                                tiny_config, "--epochs", "1", "--out", fresh, "--device", "cpu", "--test", test)
