@@ -351,7 +351,8 @@ def test_cli_ablate_writes_the_table_and_plots_and_skips_finished_runs(capsys, t
         with (out / r["loss"] / "test_report.csv").open() as f:
             assert [c["case"] for c in csv.DictReader(f)] == ["case_0000", "case_0001", "mean", "median"]
 
-    # A held-out set that is the training data, or has no labels, is refused before anything trains.
+    # A held-out set that is the training data, missing, unlabelled or of another channel count is refused
+    # before anything trains.
     unlabelled = tmp_path / "unlabelled"
     shutil.copytree(heldout, unlabelled)
     shutil.rmtree(unlabelled / "labelsTr")
