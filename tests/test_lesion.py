@@ -217,6 +217,75 @@ def test_blocks_per_level_reaches_the_trained_and_exported_network(tmp_path, dat
     assert LesionTrainConfig(channels=[8, 16, 32], blocks_per_level=[1, 2, 3]).blocks_per_level == (1, 2, 3)
 
 
+class _FakeCompiled:
+    """Stands in for ``torch.compile(module)``: runs the module and counts calls, or fails like a missing
+    C++ compiler would."""
+
+    def __init__(self, module, fail: bool):
+        self.module, self.fail, self.calls = module, fail, 0
+
+    def __call__(self, x):
+        if self.fail:
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
+        self.calls += 1
+        return self.module(x)
+
+
+def test_compiled_training_steps_train_the_exported_network_and_fall_back_when_compiling_fails(
+        tmp_path, dataset, monkeypatch):
+    made = []
+
+    def fake_compile(fail):
+        def compile_(module, **kwargs):
+            made.append(_FakeCompiled(module, fail))
+            return made[-1]
+        return compile_
+
+    cfg = LesionTrainConfig(**{**TINY, "epochs": 1, "steps_per_epoch": 3, "compile": True})
+    monkeypatch.setattr(torch, "compile", fake_compile(False))
+    run = train_lesion(cfg, dataset, tmp_path / "compiled", device="cpu", progress=False)
+    assert len(made) == 1 and made[0].calls == 3  # every training step, compiled once
+    plain = train_lesion(LesionTrainConfig(**{**TINY, "epochs": 1, "steps_per_epoch": 3}), dataset,
+                         tmp_path / "plain", device="cpu", progress=False)
+    compiled_weights, plain_weights = ResidualUNet.load(run / "last").state_dict(), ResidualUNet.load(plain / "last").state_dict()
+    assert compiled_weights.keys() == plain_weights.keys()  # no wrapper prefix in the export
+    for k in plain_weights:  # same seed, same steps: the compiled wrapper trained the exported network
+        assert torch.allclose(compiled_weights[k], plain_weights[k], atol=1e-6), k
+
+    made.clear()
+    monkeypatch.setattr(torch, "compile", fake_compile(True))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*InvalidCxxCompiler.*training without it"):
+        fallback = train_lesion(cfg, dataset, tmp_path / "fallback", device="cpu", progress=False)
+    assert len(made) == 1  # not retried at every step
+    assert [r["step"] for r in read_metrics_csv(fallback / "metrics.csv")] == [3]
+
+
+def test_real_torch_compile_matches_the_plain_network():
+    """The real ``torch.compile`` on a tiny lesion U-Net: the same outputs and gradients as without it (or,
+    on a machine that cannot compile, the warned fallback, which is the plain network itself)."""
+    torch.manual_seed(0)
+    cfg = LesionTrainConfig(**{**TINY, "compile": True})
+    net = ResidualUNet(UNetConfig(in_channels=1, out_channels=1, channels=cfg.channels, deep_supervision=True))
+    module = LesionLightning(net, cfg, [])
+    x = torch.randn(2, 1, 16, 16, 16)
+    expected = [o.detach() for o in _as_list(net(x))]
+    grads_plain = torch.autograd.grad(sum(o.sum() for o in _as_list(net(x))), list(net.parameters()))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = _as_list(module.train_forward(x))
+    for o, e in zip(out, expected, strict=True):
+        assert torch.allclose(o, e, atol=1e-4)
+    grads = torch.autograd.grad(sum(o.sum() for o in out), list(net.parameters()))
+    for g, gp in zip(grads, grads_plain, strict=True):  # fused kernels sum in another order
+        assert float((g - gp).norm()) <= 1e-2 * float(gp.norm()) + 1e-6
+
+
+def _as_list(out):
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
 def test_lesion_config_rejects_bad_norm_and_jitter():
     with pytest.raises(InputError, match="norm"):
         LesionTrainConfig(norm="group")

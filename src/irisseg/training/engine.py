@@ -87,10 +87,38 @@ class AnnealedModule(L.LightningModule):
     validation score kept in the checkpoint (``best_val``) so a resumed run only exports real improvements.
 
     Subclasses set ``self.model`` and ``self.cfg``, a config with ``lr``, ``weight_decay``, ``epochs``,
-    ``steps_per_epoch`` and ``max_minutes`` (None: no budget).
+    ``steps_per_epoch`` and ``max_minutes`` (None: no budget), and optionally ``compile`` (see
+    :meth:`train_forward`).
     """
 
     best_val: float = -math.inf
+
+    def train_forward(self, x: torch.Tensor):
+        """``self.model(x)`` for a training step; compiled with ``torch.compile`` when ``cfg.compile`` is set.
+
+        The compiled network shares ``self.model``'s parameters (checkpoints and exports are unchanged) and is
+        used for training steps only: validation and prediction run the plain network, whose sliding-window
+        batches change shape. Compiling takes from a few seconds (cached) to about half a minute on a 2-core
+        CPU once per run, then a 32^3 x 4 lesion step takes about a fifth less time there. Where compiling
+        is not possible (no C++ compiler for the CPU backend, say) the first step warns once and training
+        carries on with the plain network.
+        """
+        compiled = self.__dict__.get("_compiled")  # None: not tried yet; False: failed; else the compiled net
+        if not getattr(self.cfg, "compile", False) or compiled is False:
+            return self.model(x)
+        if compiled is not None:
+            return compiled(x)
+        compiled = torch.compile(self.model, dynamic=False)
+        try:
+            out = compiled(x)  # the first call compiles
+        except Exception as err:  # noqa: BLE001 - any backend failure: fall back to the plain network
+            first_line = (str(err).splitlines() or [""])[0]
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {first_line}); training without it",
+                          RuntimeWarning, stacklevel=2)
+            self.__dict__["_compiled"] = False
+            return self.model(x)
+        self.__dict__["_compiled"] = compiled  # a plain attribute, not a submodule: the state dict is unchanged
+        return out
 
     def setup_ema(self) -> None:
         """Keep an exponential moving average of ``self.model``'s weights when ``cfg.ema_decay`` is set (> 0).

@@ -84,6 +84,9 @@ class LesionTrainConfig(YamlConfig):
         of :class:`irisseg.data.patches.PatchAugmentConfig`'s fields (e.g. ``{spatial_prob: 0.2,
         gamma_prob: 0.3}`` for nnU-Net-style rotation / zoom and gamma), used when ``augment`` is true.
       num_workers: DataLoader workers drawing patches; num_threads: torch threads (None: default); seed.
+      compile: compile the network's training steps with ``torch.compile``
+        (:meth:`~irisseg.training.engine.AnnealedModule.train_forward`; falls back to the plain network
+        with a warning where compiling is not possible).
     """
 
     channels: tuple[int, ...] = (16, 32, 64, 128)
@@ -115,6 +118,7 @@ class LesionTrainConfig(YamlConfig):
     num_workers: int = 1
     num_threads: int | None = None
     seed: int = 0
+    compile: bool = False
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -238,7 +242,7 @@ class LesionLightning(AnnealedModule):
         return self.loss_fn(out, target)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(self.model(batch["image"]), batch["label"])  # losses work in float32 under autocast
+        loss = self._loss(self.train_forward(batch["image"]), batch["label"])  # losses work in float32 under autocast
         self._train_losses.append(float(loss.detach()))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
