@@ -66,7 +66,11 @@ def test_sitk_round_trip_and_axis_order(oblique_volume):
 
 
 def test_dicom_series_round_trip(tmp_path, oblique_volume):
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
     folder = write_dicom_series(oblique_volume, tmp_path / "series")
+    assert locale.setlocale(locale.LC_ALL) == before  # GDCM's writer sets "C"; the process keeps its own
     assert len(list(folder.glob("*.dcm"))) == oblique_volume.shape[0]
     back = read_volume(folder)
     np.testing.assert_array_equal(back.array, oblique_volume.array)
@@ -143,8 +147,34 @@ def test_nan_intensities_rejected(tmp_path, suffix):
     path = write_volume(Volume(arr), tmp_path / f"nan{suffix}")
     with pytest.raises(InputError, match=f"nan{suffix}: image contains 2 NaN or infinite"):
         read_volume(path)
-    if suffix in (".mha", ".nrrd"):  # ITK's NIfTI reader zeroes NaN; other formats keep it
-        assert np.isnan(read_volume(path, allow_nan=True).array).sum() == 1
+    kept = read_volume(path, allow_nan=True).array  # ITK's NIfTI reader zeroes them: irisseg puts them back
+    assert np.isnan(kept[1, 2, 3]) and kept[0, 0, 0] == np.inf
+    assert np.isfinite(kept).sum() == arr.size - 2
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint8])
+def test_truncated_nifti_is_refused(tmp_path, suffix, dtype):
+    """ITK reads a cut NIfTI file as a whole volume with zeros at the end; irisseg refuses it."""
+    import gzip
+
+    arr = (np.arange(20 * 21 * 22) % 97).astype(dtype).reshape(20, 21, 22)
+    path = write_volume(Volume(arr), tmp_path / f"whole{suffix}")
+    assert np.array_equal(read_volume(path).array, arr)  # the complete file reads back
+    stored = path.read_bytes()
+    data = gzip.decompress(stored) if suffix == ".nii.gz" else stored
+    cut = [(stored[: len(stored) // 2], "corrupt or truncated" if suffix == ".nii.gz" else "truncated file: ")]
+    if suffix == ".nii.gz":  # a complete gzip stream around too few bytes
+        cut.append((gzip.compress(data[:-7]), "truncated file: "))
+    for raw, message in cut:
+        bad = tmp_path / f"cut{suffix}"
+        bad.write_bytes(raw)
+        with pytest.raises(InputError, match=message) as info:
+            read_volume(bad)
+        assert str(bad) in str(info.value) and "\n" not in str(info.value)
+    plain = tmp_path / f"plain{suffix}"  # a .nii.gz stored uncompressed (ITK reads it) is checked as it is
+    plain.write_bytes(data)
+    assert np.array_equal(read_volume(plain).array, arr)
 
 
 def test_read_mask_checks(tmp_path, blob_image_and_mask):

@@ -17,6 +17,7 @@ DICOM series (read only). Writes are atomic: a failed write leaves nothing at th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from irisseg.errors import InputError
 
 __all__ = [
     "write_csv",
+    "check_output_file",
     "Volume",
     "read_volume",
     "read_mask",
@@ -187,7 +189,12 @@ def volume_suffix(path: str | os.PathLike) -> str:
 
 def _dicom_series_files(folder: Path, series_uid: str | None) -> list[str]:
     reader = sitk.ImageSeriesReader
-    uids = list(reader.GetGDCMSeriesIDs(str(folder)))
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM prints C++ warnings for a folder without DICOM
+    try:
+        uids = list(reader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not uids:
         raise InputError(f"{folder}: folder holds no DICOM series (and no volume file)")
     if series_uid is None:
@@ -261,10 +268,14 @@ def read_volume(
     volume = Volume.from_sitk(image)
     if min(volume.shape) < 1 or volume.array.size == 0:
         raise InputError(f"{path}: image is empty (size {volume.size_xyz})")
+    if volume_suffix(path) in (".nii", ".nii.gz"):
+        bad_index, bad_values = _scan_nifti(path)  # refuses a truncated file
+        if bad_index.size and volume.array.dtype.kind == "f" and bad_index[-1] < volume.array.size:
+            array = np.array(volume.array)  # ITK read these voxels as 0: put the stored values back
+            array.reshape(-1)[bad_index] = bad_values
+            volume = volume.with_array(array)
     if not allow_nan and volume.array.dtype.kind == "f":
         n_bad = int((~np.isfinite(volume.array)).sum())
-        if n_bad == 0 and volume_suffix(path) in (".nii", ".nii.gz"):
-            n_bad = _nifti_nonfinite_count(path)
         if n_bad:
             raise InputError(f"{path}: image contains {n_bad} NaN or infinite intensities")
     return volume
@@ -273,38 +284,77 @@ def read_volume(
 _NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}
 
 
-def _nifti_nonfinite_count(path: Path) -> int:
-    """Count NaN/inf voxels stored in a float NIfTI file.
+def _nifti_header(head: bytes) -> tuple[str, int, int, int, int] | None:
+    """(byte order, datatype, bits per voxel, voxel count, voxel-data offset) of a NIfTI-1 or -2 header,
+    or None if ``head`` is not one."""
+    for order in ("<", ">"):
+        size = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0]) if len(head) >= 4 else 0
+        if size == 348 and len(head) >= 348:  # NIfTI-1: dim int16[8] @40, datatype @70, bitpix @72, vox_offset f4 @108
+            dims = np.frombuffer(head[40:56], f"{order}i2").astype(np.int64)
+            datatype, bitpix = (int(v) for v in np.frombuffer(head[70:74], f"{order}i2"))
+            offset = int(np.frombuffer(head[108:112], f"{order}f4")[0])
+        elif size == 540 and len(head) >= 540:  # NIfTI-2: datatype @12, bitpix @14, dim int64[8] @16, vox_offset @168
+            datatype, bitpix = (int(v) for v in np.frombuffer(head[12:16], f"{order}i2"))
+            dims = np.frombuffer(head[16:80], f"{order}i8")
+            offset = int(np.frombuffer(head[168:176], f"{order}i8")[0])
+        else:
+            continue
+        if not 1 <= dims[0] <= 7 or (dims[1:dims[0] + 1] < 1).any() or bitpix < 8 or offset < size:
+            return None
+        return order, datatype, bitpix, int(np.prod(dims[1:dims[0] + 1])), offset
+    return None
 
-    ITK's NIfTI reader turns NaN into 0 while reading, so a NaN-corrupted NIfTI would otherwise pass
-    silently. Only the three header fields needed to locate the voxel data are read (NIfTI-1 and -2).
+
+def _scan_nifti(path: Path, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """Read a ``.nii`` / ``.nii.gz`` file's voxel data once, in chunks: refuse a truncated file, and return the
+    flat (file-order) indices and values of NaN / infinite voxels of float data (empty otherwise).
+
+    ITK's NIfTI reader fills the missing end of a truncated file with zeros, and reads NaN or infinite
+    voxels as 0, so both would otherwise pass silently.
+
+    Raises:
+      InputError: the file (or its compressed stream) ends before all of its voxel data.
     """
     import gzip
+    import zlib
 
-    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"  # a .nii.gz may be stored uncompressed: look, not at the name
+    empty = np.zeros(0, np.int64), np.zeros(0, np.float64)
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError):
-        return 0
-    for order in ("<", ">"):
-        size = int(np.frombuffer(raw[:4], dtype=f"{order}i4")[0]) if len(raw) >= 4 else 0
-        if size == 348:  # NIfTI-1: datatype int16 @70, vox_offset float32 @108
-            datatype = int(np.frombuffer(raw[70:72], f"{order}i2")[0])
-            offset = int(np.frombuffer(raw[108:112], f"{order}f4")[0])
-            break
-        if size == 540:  # NIfTI-2: datatype int16 @12, vox_offset int64 @168
-            datatype = int(np.frombuffer(raw[12:14], f"{order}i2")[0])
-            offset = int(np.frombuffer(raw[168:176], f"{order}i8")[0])
-            break
-    else:
-        return 0
-    if datatype not in _NIFTI_FLOAT_TYPES:
-        return 0
-    dtype = np.dtype(_NIFTI_FLOAT_TYPES[datatype]).newbyteorder(order)
-    data = raw[offset:]
-    data = np.frombuffer(data[: len(data) // dtype.itemsize * dtype.itemsize], dtype=dtype)
-    return int((~np.isfinite(data)).sum())
+        with (gzip.open if compressed else open)(path, "rb") as f:
+            head = f.read(540)
+            header = _nifti_header(head)
+            if header is None:
+                return empty
+            order, datatype, bitpix, n_voxels, offset = header
+            expected = n_voxels * bitpix // 8
+            dtype = (np.dtype(_NIFTI_FLOAT_TYPES[datatype]).newbyteorder(order)
+                     if datatype in _NIFTI_FLOAT_TYPES else None)
+            if len(head) < offset:  # skip header extensions
+                f.read(offset - len(head))
+            size = dtype.itemsize if dtype is not None else 1
+            carry, got, index, values = head[offset:], 0, [], []
+            while got < expected:
+                more = f.read(chunk)
+                buf = carry + more
+                usable = min(len(buf) - len(buf) % size, expected - got)
+                if dtype is not None and usable:
+                    block = np.frombuffer(buf[:usable], dtype=dtype)
+                    bad = np.flatnonzero(~np.isfinite(block))
+                    if bad.size:
+                        index.append(bad + got // size)
+                        values.append(block[bad].astype(np.float64))
+                got, carry = got + usable, buf[usable:]
+                if not more:
+                    break
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise InputError(f"{path}: corrupt or truncated file ({err})") from None
+    if got < expected:
+        raise InputError(f"{path}: truncated file: {got} of its {expected} bytes of voxel data are there")
+    if not index:
+        return empty
+    return np.concatenate(index), np.concatenate(values)
 
 
 def _looks_like_dicom(path: Path) -> bool:
@@ -473,28 +523,42 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, series_uid:
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     orientation = "\\".join(f"{v:.10g}" for v in (*direction[:, 0], *direction[:, 1]))
-    for k in range(image.GetDepth()):
-        sl = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        tags = {
-            "0008|0060": "CT",
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
-            "0008|0018": f"{series_uid}.{k + 1}",
-            "0020|000d": study_uid,
-            "0020|000e": series_uid,
-            "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.10g}" for v in position),
-            "0020|0037": orientation,
-            "0018|0050": f"{volume.spacing[2]:.10g}",
-            "0028|0030": f"{volume.spacing[1]:.10g}\\{volume.spacing[0]:.10g}",
-            "0028|1052": "0",
-            "0028|1053": "1",
-        }
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice_{k:04d}.dcm"))
-        writer.Execute(sl)
+    with _kept_locale():  # GDCM sets the C locale while writing
+        for k in range(image.GetDepth()):
+            sl = image[:, :, k]
+            position = image.TransformIndexToPhysicalPoint((0, 0, k))
+            tags = {
+                "0008|0060": "CT",
+                "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+                "0008|0018": f"{series_uid}.{k + 1}",
+                "0020|000d": study_uid,
+                "0020|000e": series_uid,
+                "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(f"{v:.10g}" for v in position),
+                "0020|0037": orientation,
+                "0018|0050": f"{volume.spacing[2]:.10g}",
+                "0028|0030": f"{volume.spacing[1]:.10g}\\{volume.spacing[0]:.10g}",
+                "0028|1052": "0",
+                "0028|1053": "1",
+            }
+            for tag, value in tags.items():
+                sl.SetMetaData(tag, value)
+            writer.SetFileName(str(folder / f"slice_{k:04d}.dcm"))
+            writer.Execute(sl)
     return folder
+
+
+@contextlib.contextmanager
+def _kept_locale():
+    """Restore the process's C locale afterwards: GDCM's DICOM writer sets it to "C", which would turn
+    Python's default text encoding (``open()`` without ``encoding``) into ASCII for the rest of the process."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -553,6 +617,18 @@ def orientation_code(volume: Volume) -> str:
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(tuple(volume.direction.reshape(-1)))
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, if a file may be written there (it may exist as a file, to be replaced).
+
+    Raises:
+      InputError: ``path`` is an existing folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name to write to")
+    return path
+
+
 def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | tuple[str, ...] | None = None,
               float_digits: int | None = None) -> Path:
     """Write table rows as CSV atomically (a temporary file, then a rename), creating parent folders.
@@ -567,7 +643,7 @@ def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | tu
     """
     import csv
 
-    path = Path(path)
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(columns if columns is not None else (rows[0] if rows else []))
     tmp = path.with_name(f".{path.name}.tmp")
