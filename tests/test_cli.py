@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +115,12 @@ def _bad_inputs(tmp_path, pair):
     cases["bad labels option"] = (["metrics", "--pred", ref, "--ref", ref, "--labels", "a,b"], "--labels")
     cases["missing option"] = (["metrics", "--pred", ref], "Missing option '--ref'")
     cases["image as mask"] = (["metrics", "--pred", img, "--ref", ref], "img.nii.gz")
+    truncated = tmp_path / "cut.nii.gz"  # ITK alone would read it as a whole mask, zero-filled at the end
+    truncated.write_bytes(gzip.compress(gzip.decompress(Path(ref).read_bytes())[:-50]))
+    cases["truncated file"] = (["metrics", "--pred", truncated, "--ref", ref], "cut.nii.gz: truncated file")
+    (tmp_path / "taken.json").mkdir(exist_ok=True)
+    cases["output is a folder"] = (["info", ref, "--json", tmp_path / "taken.json"],
+                                   "taken.json: is a folder; give a file name")
     return cases
 
 
@@ -126,6 +134,24 @@ def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path, pair):
         assert expected in lines[0], (name, lines[0])
         assert "Traceback" not in err + out
         assert not (tmp_path / "never.json").exists(), name
+
+
+def test_metrics_json_into_a_folder_is_refused_before_any_work(capsys, tmp_path, pair):
+    _, ref, _, _ = pair
+    (tmp_path / "m.json").mkdir()
+    code, out, err = run_cli(capsys, "metrics", "--pred", ref, "--ref", ref, "--json", tmp_path / "m.json")
+    assert code == 2 and err.strip() == f"irisseg: error: {tmp_path / 'm.json'}: is a folder; give a file name to write to"
+    assert "Dice" not in out  # refused before computing, and no temporary file left
+    assert not any((tmp_path / "m.json").iterdir()) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_folder_without_dicom_is_one_line_even_at_the_c_level(tmp_path):
+    """GDCM prints C++ warnings straight to the process's stderr when a folder holds no DICOM series."""
+    (tmp_path / "scan.nii.gz").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "irisseg", "info", str(tmp_path / "scan.nii.gz")],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"irisseg: error: {tmp_path / 'scan.nii.gz'}: folder holds no DICOM series (and no volume file)"
 
 
 def test_console_script_exit_code(tmp_path):

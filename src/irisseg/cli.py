@@ -47,6 +47,9 @@ def _fmt(value: float, digits: int = 4) -> str:
 
 def _write_json(path: Path, payload: dict) -> None:
     """Write JSON atomically (temporary file, then rename), so a failure leaves nothing half-written."""
+    from irisseg.io import check_output_file
+
+    check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=_json_default, allow_nan=True))
@@ -111,6 +114,10 @@ def info(
 
     Shape is printed in array order (D, H, W); spacing and origin in (x, y, z) order, as SimpleITK.
     """
+    from irisseg.io import check_output_file
+
+    if json_out is not None:
+        check_output_file(json_out)
     reports = []
     for path in files:
         rep = volume_info(path)
@@ -264,10 +271,14 @@ def metrics(
     follow the documented conventions of :mod:`irisseg.metrics` (both empty: Dice 1; one empty: Dice 0,
     HD95 inf).
     """
+    from irisseg.io import check_output_file
+
     try:
         label_list = [int(x) for x in labels.split(",")] if labels else None
     except ValueError:
         raise InputError(f"--labels: expected comma-separated integers, got {labels!r}") from None
+    if json_out is not None:
+        check_output_file(json_out)
     report = compare_files(pred, ref, tolerance_mm=tolerance_mm, labels=label_list, lesion_wise=lesion)
     print_metrics_table(report)
     if json_out is not None:
@@ -857,10 +868,11 @@ def lesion_evaluate(
     """
     import json
 
-    from irisseg.io import write_csv
+    from irisseg.io import check_output_file, write_csv
     from irisseg.lesion import LesionPredictor, evaluate_dataset, summary_rows
 
     _check_dataset_dir(data)
+    check_output_file(out)
     case_ids = None
     if split != "all":
         splits_path = model / "splits.json"
