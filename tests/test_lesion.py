@@ -353,19 +353,30 @@ def test_cli_predict_and_evaluate_keep_the_input_geometry(capsys, tmp_path, trai
     assert [r["case"] for r in rows] == [*val, "mean", "median"]
 
 
-def test_cli_lesion_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, trained):
+def test_cli_lesion_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, trained, dataset):
     image, _ = oblique_case(4)
     bad = tmp_path / "bad"
     nan = write_volume(image.with_array(np.full(image.shape, np.nan, np.float32)), bad / "nan.nii.gz")
     corrupt = bad / "corrupt.nii.gz"
     corrupt.write_bytes(b"not a nifti")
     good = write_volume(image, bad / "good.nii.gz")
+    twice = tmp_path / "twice"  # two files that would both be written to <out>/a.nii.gz
+    write_volume(image, twice / "a.nii.gz")
+    write_volume(image, twice / "a_0000.nii.gz")
+    mixed = tmp_path / "mixed"  # one format is read, the other would be skipped without a word
+    write_volume(image, mixed / "a.nii.gz")
+    write_volume(image, mixed / "b.nii.gz")
+    write_volume(image, mixed / "c.mha")
+    (tmp_path / "taken.csv").mkdir()
     cases = {
         "missing input": (["predict", "--model", trained, "--input", bad / "nope.nii.gz"], "nope.nii.gz: no such file"),
         "nan": (["predict", "--model", trained, "--input", nan], "NaN"),
         "corrupt": (["predict", "--model", trained, "--input", corrupt], "corrupt.nii.gz"),
         "not a model": (["predict", "--model", bad, "--input", good], "no lesion model"),
         "missing data": (["evaluate", "--model", trained, "--data", bad / "none"], "no such dataset folder"),
+        "one case twice": (["predict", "--model", trained, "--input", twice],
+                           "a.nii.gz and a_0000.nii.gz are both case 'a'"),
+        "mixed formats": (["predict", "--model", trained, "--input", mixed], "mixes .nii.gz images with other formats (c.mha)"),
         "unknown loss": (["train", "--data", bad, "--loss", "hinge"], "unknown loss"),
         "unknown ablation loss": (["ablate", "--data", bad, "--losses", "dice_bce,hinge"], "unknown loss"),
     }
@@ -376,6 +387,9 @@ def test_cli_lesion_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, t
         assert err.count("\n") == 1 and err.startswith("irisseg: error: ") and message in err, (name, err)
         assert not out.exists() or not any(out.rglob("*.nii.gz")), name
     assert not list(tmp_path.rglob(".irisseg-*"))
+    code, _, err = run_cli(capsys, "lesion", "evaluate", "--model", trained, "--data", dataset, "--out", tmp_path / "taken.csv")
+    assert code == 2 and err.strip().endswith("taken.csv: is a folder; give a file name to write to"), err
+    assert not any((tmp_path / "taken.csv").iterdir()) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_cli_ablate_writes_the_table_and_plots_and_skips_finished_runs(capsys, tmp_path, dataset, tiny_config):

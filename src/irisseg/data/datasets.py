@@ -564,6 +564,10 @@ def image_cases(path: str | os.PathLike, n_channels: int = 1) -> list[tuple[str,
                 raise InputError(f"{p}: missing channel file (the model expects {n_channels} channel(s))")
         return [(case_id, paths)]
     ending = _infer_ending(path)
+    others = sorted(p.name for p in _visible_files(path) if volume_suffix(p) not in ("", ending))
+    if others:
+        raise InputError(f"{path}: mixes {ending} images with other formats ({_listing(others)}); keep one "
+                         f"file format per folder")
     found, unsuffixed = _scan_channel_files(path, ending)
     if n_channels != 1:
         _check_no_unsuffixed(path, unsuffixed, ending)
@@ -571,7 +575,12 @@ def image_cases(path: str | os.PathLike, n_channels: int = 1) -> list[tuple[str,
     grouped = _channel_problems(path, found, n_channels, ending, problems)
     _raise_problems(path, problems)
     cases = [(cid, paths) for cid, paths in grouped.items()]
-    cases += [(_strip_ending(name, ending), [path / name]) for name in unsuffixed]
+    for name in unsuffixed:
+        case_id = _strip_ending(name, ending)
+        if case_id in grouped:
+            raise InputError(f"{path}: {name} and {grouped[case_id][0].name} are both case {case_id!r} (one "
+                             f"file, or nnU-Net channel files {case_id}_0000{ending} ..., per case)")
+        cases.append((case_id, [path / name]))
     if not cases:
         raise InputError(f"{path}: no image file ending in {ending}")
     return sorted(cases)
