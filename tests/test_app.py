@@ -260,7 +260,9 @@ def test_similar_cases_tab_searches_the_index(tmp_path):
     EmbeddingNet(EmbeddingConfig(channels=(4, 8), embedding_dim=16,
                                  extra={"retrieval": {"grid": [16, 16, 16]}})).save(tmp_path / "run" / "best")
     build_index(tmp_path / "run", data, tmp_path / "index")
-    demo = build_app(index=tmp_path / "index", store=SessionStore(tmp_path / "sessions"))
+    store = SessionStore(tmp_path / "sessions")
+    demo = build_app(index=tmp_path / "index", store=store)
+    assert demo.irisseg_store is store  # the store given, even while it is empty (no stray temporary folder)
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:

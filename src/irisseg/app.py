@@ -424,7 +424,9 @@ def build_app(model="starter", device: str = "cpu", index=None, max_upload_mb: i
         from irisseg.retrieval import CaseIndex
 
         case_index = CaseIndex.load(index)
-    store = store or SessionStore()
+    if store is None:  # not `store or ...`: an empty store has length 0
+        store = SessionStore()
+        atexit.register(store.close_all)  # the app's own temporary folder goes when the process ends
     example_cache: dict[str, object] = {}
 
     def session_of(request) -> Session:
@@ -680,7 +682,6 @@ def launch(host: str = "127.0.0.1", port: int = 7860, model="starter", device: s
 
     demo = build_app(model=model, device=device, index=index, max_upload_mb=max_upload_mb)
     store = demo.irisseg_store
-    atexit.register(store.close_all)
     system_fonts = ["ui-sans-serif", "system-ui", "sans-serif"]
     theme = gr.themes.Default(font=system_fonts, font_mono=["ui-monospace", "monospace"])  # no web fonts
     try:
