@@ -10,11 +10,13 @@ from irisseg.preprocess import (
     GridRecord,
     PreprocessConfig,
     Preprocessor,
+    canonical_axes,
     clip_percentiles,
     crop_or_pad,
     crop_to_bbox,
     ct_window,
     foreground_bbox,
+    reorient,
     resample,
     zscore,
 )
@@ -27,6 +29,7 @@ CONFIGS = {
         crop_foreground=True, foreground_margin=2, target_spacing=(1.5, 1.5, 1.5), pad_shape=(24, 24, 24)
     ),
     "crop_only": PreprocessConfig(pad_shape=(12, 40, 20)),
+    "no_reorient": PreprocessConfig(reorient=False, target_shape=(16, 16, 16)),
 }
 
 
@@ -151,3 +154,45 @@ def test_invert_rejects_wrong_shape(blob_image_and_mask):
     out = Preprocessor(target_shape=(8, 8, 8))(image)
     with pytest.raises(InputError, match="model grid"):
         out.record.invert(np.zeros((9, 8, 8)))
+
+
+def _restored(image: Volume, order, flips) -> Volume:
+    """``image`` stored with other axes: the same voxels in patient space, relabelled (SimpleITK's own
+    PermuteAxes and Flip, as a file written that way would be read)."""
+    import SimpleITK as sitk
+
+    img = sitk.PermuteAxes(image.to_sitk(), [int(o) for o in order])
+    return Volume.from_sitk(sitk.Flip(img, [bool(f) for f in flips]))
+
+
+@pytest.mark.parametrize("order, flips", [((0, 1, 2), (True, False, False)), ((2, 0, 1), (False, False, False)),
+                                          ((1, 2, 0), (False, True, True)), ((2, 1, 0), (True, True, True))])
+def test_reorient_matches_simpleitk_and_undoes_any_stored_axis_order(blob_image_and_mask, order, flips):
+    image, mask = blob_image_and_mask
+    stored = _restored(image, order, flips)
+    # reorient() relabels exactly as SimpleITK does (geometry and voxels)
+    expected = _restored(stored, (1, 2, 0), (False, True, False))
+    mine = reorient(stored, (1, 2, 0), (False, True, False))
+    np.testing.assert_array_equal(mine.array, expected.array)
+    assert same_geometry(mine, expected, tol=1e-9)
+    # the canonical axes of any stored order give back the original array and geometry (near identity)
+    back = reorient(stored, *canonical_axes(stored.direction))
+    np.testing.assert_array_equal(back.array, image.array)
+    assert same_geometry(back, image, tol=1e-6)
+
+
+@pytest.mark.parametrize("order, flips", [((2, 0, 1), (False, False, False)), ((1, 2, 0), (True, False, True))])
+def test_the_model_grid_does_not_depend_on_how_the_file_stores_its_axes(blob_image_and_mask, order, flips):
+    image, mask = blob_image_and_mask
+    pre = Preprocessor(target_shape=(16, 16, 16))
+    plain, stored = pre(image, masks=[mask]), pre(_restored(image, order, flips), masks=[_restored(mask, order, flips)])
+    np.testing.assert_allclose(stored.image, plain.image, atol=1e-5)  # the model sees the same thing
+    np.testing.assert_array_equal(stored.masks[0].array, plain.masks[0].array)
+    assert stored.record.steps[0]["op"] == "reorient"
+    # a prediction on the model grid goes back to the stored file's own axes, exactly inverted
+    back = stored.record.invert(stored.masks[0])
+    expected = _restored(plain.record.invert(plain.masks[0]), order, flips)
+    np.testing.assert_array_equal(back.array, expected.array)
+    assert same_geometry(back, _restored(mask, order, flips), tol=1e-9)
+    record = GridRecord.from_dict(stored.record.to_dict())  # JSON-friendly
+    np.testing.assert_array_equal(record.apply(_restored(mask, order, flips)).array, plain.masks[0].array)

@@ -10,10 +10,14 @@ Steps, in the order a :class:`Preprocessor` applies them:
 
 1. crop to foreground (optional): the bounding box of non-zero voxels (of the raw image, or a mask), plus
    a margin in voxels;
-2. intensity: CT windowing (optional) or percentile clipping (default 0.5 to 99.5), then z-score;
-3. resample (optional) to a target spacing (mm) or a target shape (D, H, W), keeping the physical extent:
+2. reorient (default on): permute and flip the array axes, without interpolation, so that the direction
+   is as close as possible to the identity (array axes W, H, D along patient x, y, z, increasing): the
+   same anatomy then reaches the model the same way whatever axis order or flips its file was stored with
+   (an oblique grid stays oblique; only its axes are relabelled);
+3. intensity: CT windowing (optional) or percentile clipping (default 0.5 to 99.5), then z-score;
+4. resample (optional) to a target spacing (mm) or a target shape (D, H, W), keeping the physical extent:
    linear interpolation for images and probabilities, nearest neighbour for label maps;
-4. crop or pad (optional), centred, to a fixed shape (D, H, W).
+5. crop or pad (optional), centred, to a fixed shape (D, H, W).
 
 Every geometric step also updates the volume's origin and spacing, so a volume on the model grid still
 sits at the right place in patient space.
@@ -21,6 +25,7 @@ sits at the right place in patient space.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -33,6 +38,8 @@ from irisseg.io import Volume
 
 __all__ = [
     "CT_WINDOWS",
+    "canonical_axes",
+    "reorient",
     "PreprocessConfig",
     "Preprocessor",
     "GridRecord",
@@ -181,6 +188,59 @@ def _resampled_grid(volume: Volume, spacing=None, shape=None) -> Volume:
     return _GridOnly(grid_shape, tuple(new_spacing), tuple(origin), volume.direction.copy())
 
 
+def canonical_axes(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """The axis relabelling that brings a grid's direction closest to the identity.
+
+    Arguments:
+      direction (np.ndarray): (3, 3) direction cosines, column ``j`` the patient direction of image axis
+        ``j`` (x, y, z order), as :class:`~irisseg.io.Volume`.
+
+    Returns:
+      (order, flips): new image axis ``j`` is old axis ``order[j]`` (x, y, z order), reversed where
+      ``flips[j]``; the order maximises ``sum_j |direction[j, order[j]]|`` (ties: the identity first).
+    """
+    direction = np.asarray(direction, dtype=float).reshape(3, 3)
+    order = max(itertools.permutations(range(3)), key=lambda p: sum(abs(direction[j, p[j]]) for j in range(3)))
+    return tuple(order), tuple(bool(direction[j, order[j]] < 0) for j in range(3))
+
+
+def _inverse_axes(order: Sequence[int], flips: Sequence[bool]) -> tuple[list[int], list[bool]]:
+    """The ``(order, flips)`` that undoes :func:`reorient` with ``(order, flips)``."""
+    inverse = [int(np.argsort(order)[i]) for i in range(3)]
+    return inverse, [bool(flips[inverse[i]]) for i in range(3)]
+
+
+def _reoriented_grid(grid: Volume, order: Sequence[int], flips: Sequence[bool]) -> _GridOnly:
+    size = [grid.size_xyz[o] for o in order]
+    spacing = [grid.spacing[o] for o in order]
+    direction = grid.direction[:, list(order)].astype(float)
+    origin = np.asarray(grid.origin, dtype=float)
+    for j in range(3):
+        if flips[j]:  # the first voxel along a reversed axis is the old last one
+            origin = origin + direction[:, j] * spacing[j] * (size[j] - 1)
+            direction[:, j] = -direction[:, j]
+    return _GridOnly(tuple(reversed(size)), tuple(spacing), tuple(origin), direction)
+
+
+def reorient(volume: Volume, order: Sequence[int], flips: Sequence[bool]) -> Volume:
+    """Relabel a volume's axes (no interpolation): new axis ``j`` (x, y, z order) is old axis ``order[j]``,
+    reversed where ``flips[j]``; every voxel keeps its patient-space position (see :func:`canonical_axes`).
+
+    Arguments:
+      volume (Volume): array (D, H, W) with its geometry.
+      order (Sequence[int]): a permutation of (0, 1, 2), x, y, z axes. flips (Sequence[bool]): per new axis.
+
+    Returns:
+      Volume: the permuted (and flipped) array with the matching spacing, origin and direction.
+    """
+    array = np.transpose(volume.array, [2 - order[2 - a] for a in range(3)])  # array axes are (z, y, x)
+    flipped = tuple(2 - j for j in range(3) if flips[j])
+    if flipped:
+        array = np.flip(array, axis=flipped)
+    grid = _reoriented_grid(volume, order, flips)
+    return Volume(np.ascontiguousarray(array), grid.spacing, grid.origin, grid.direction)
+
+
 class _GridOnly(Volume):
     """A Volume-shaped description of a grid whose array is never materialised (only its shape)."""
 
@@ -305,6 +365,7 @@ class PreprocessConfig:
         z-score with a [0, 1] window.
       crop_foreground: crop to the bounding box of non-zero raw intensities (or of a given mask).
       foreground_margin: voxels kept around the foreground box.
+      reorient: relabel the array axes so the direction is closest to the identity (:func:`canonical_axes`).
       target_spacing: resample to this spacing, mm, (x, y, z).
       target_shape: resample to this shape (D, H, W) (takes precedence over ``target_spacing``).
       pad_shape: centre crop/pad to this shape (D, H, W) after resampling.
@@ -315,6 +376,7 @@ class PreprocessConfig:
     ct_window: tuple[float, float] | str | None = None
     crop_foreground: bool = False
     foreground_margin: int = 0
+    reorient: bool = True
     target_spacing: tuple[float, float, float] | None = None
     target_shape: tuple[int, int, int] | None = None
     pad_shape: tuple[int, int, int] | None = None
@@ -329,8 +391,9 @@ class GridRecord:
 
     Attributes:
       source (dict): the input geometry (``Volume.geometry()``: shape (D, H, W), spacing, origin, direction).
-      steps (list[dict]): JSON-friendly steps in the order applied: ``{"op": "crop", "start", "stop"}``,
-        ``{"op": "resample", "before": geometry, "after": geometry}``.
+      steps (list[dict]): JSON-friendly steps in the order applied, each with its ``before`` and ``after``
+        geometry: ``{"op": "crop", "start", "stop"}``, ``{"op": "reorient", "order", "flips"}``,
+        ``{"op": "resample"}``.
     """
 
     source: dict
@@ -356,6 +419,8 @@ class GridRecord:
         for step in self.steps:
             if step["op"] == "crop":
                 volume = crop_to_bbox(volume, step["start"], step["stop"])
+            elif step["op"] == "reorient":
+                volume = reorient(volume, step["order"], step["flips"])
             else:
                 volume = _resample_onto(volume, self._grid(step["after"]), kind)
         return volume
@@ -386,6 +451,8 @@ class GridRecord:
                 start = [-s for s in step["start"]]
                 stop = [a + b for a, b in zip(start, before)]
                 volume = crop_to_bbox(volume, start, stop)
+            elif step["op"] == "reorient":
+                volume = reorient(volume, *_inverse_axes(step["order"], step["flips"]))
             else:
                 volume = _resample_onto(volume, self._grid(step["before"]), kind)
         src = self.source
@@ -489,6 +556,10 @@ class Preprocessor:
             fg = foreground.array if foreground is not None else np.any([c.array != 0 for c in channels], axis=0)
             start, stop = foreground_bbox(fg, cfg.foreground_margin)
             grid = add_step("crop", grid.crop(start, stop), start=list(start), stop=list(stop))
+        if cfg.reorient:
+            order, flips = canonical_axes(grid.direction)
+            if order != (0, 1, 2) or any(flips):
+                grid = add_step("reorient", _reoriented_grid(grid, order, flips), order=list(order), flips=list(flips))
         if cfg.target_shape is not None or cfg.target_spacing is not None:
             grid = add_step("resample", _resampled_grid(grid, cfg.target_spacing, cfg.target_shape))
         if cfg.pad_shape is not None:
