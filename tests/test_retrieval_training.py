@@ -342,6 +342,18 @@ def test_retrieval_map_codes_findings_on_the_image_grid():
     image = Volume(np.random.default_rng(0).normal(size=label.shape).astype(np.float32), spacing=vol.spacing,
                    origin=vol.origin, direction=vol.direction)
     assert retrieval_input(image, (4, 6, 5)).shape[1:] == half.shape  # the same grid as the image's
+    # a file storing its axes in another order and flipped: map and input are reoriented alike, so the
+    # map still marks where the bright finding voxels of the input are
+    import SimpleITK as sitk
+
+    def stored(v: Volume) -> Volume:
+        return Volume.from_sitk(sitk.Flip(sitk.PermuteAxes(v.to_sitk(), [2, 0, 1]), [True, False, True]))
+
+    bright = image.with_array(np.where(label == 5, 10.0, 0.0).astype(np.float32))
+    fmap = retrieval_map(stored(vol), [5, 2], (8, 12, 10))
+    x = retrieval_input(stored(bright), (8, 12, 10))[0]
+    np.testing.assert_array_equal(fmap == 1, x > x.mean())
+    np.testing.assert_array_equal(fmap, same)  # reoriented back to the canonical axes
 
 
 def test_finding_map_loss_pools_targets_by_max_and_is_near_zero_when_perfect():

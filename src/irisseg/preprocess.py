@@ -519,6 +519,38 @@ class Preprocessor:
             raise InputError(f"normalize must be 'zscore' or 'none', got {cfg.normalize!r}")
         return out
 
+    def plan(self, volume: Volume, foreground: Volume | None = None) -> GridRecord:
+        """The geometric steps this config takes from ``volume``'s geometry to the model grid, computed from
+        the grid alone (no voxel is moved); ``record.apply`` then sends any volume of that geometry there.
+
+        Arguments:
+          volume (Volume): (D, H, W) in the input geometry (its array is only read for the foreground crop).
+          foreground (Volume | None): a mask whose bounding box is the foreground crop (default: the
+            non-zero voxels of ``volume``); used only with ``crop_foreground``.
+        """
+        cfg = self.config
+        record = GridRecord(source=volume.geometry())
+        grid = _GridOnly.of(volume)
+
+        def add_step(op: str, after: _GridOnly, **params) -> _GridOnly:
+            record.steps.append({"op": op, **params, "before": grid.geometry(), "after": after.geometry()})
+            return after
+
+        if cfg.crop_foreground:
+            fg = (foreground if foreground is not None else volume).array != 0
+            start, stop = foreground_bbox(fg, cfg.foreground_margin)
+            grid = add_step("crop", grid.crop(start, stop), start=list(start), stop=list(stop))
+        if cfg.reorient:
+            order, flips = canonical_axes(grid.direction)
+            if order != (0, 1, 2) or any(flips):
+                grid = add_step("reorient", _reoriented_grid(grid, order, flips), order=list(order), flips=list(flips))
+        if cfg.target_shape is not None or cfg.target_spacing is not None:
+            grid = add_step("resample", _resampled_grid(grid, cfg.target_spacing, cfg.target_shape))
+        if cfg.pad_shape is not None:
+            start, stop = _center_box(grid.shape, cfg.pad_shape)
+            grid = add_step("crop", grid.crop(start, stop), start=start, stop=stop)
+        return record
+
     def __call__(
         self,
         image: Volume | Sequence[Volume],
@@ -543,28 +575,9 @@ class Preprocessor:
         for ch in channels[1:]:
             if ch.shape != ref.shape:
                 raise InputError(f"channels differ in shape: {ref.shape} vs {ch.shape}")
-        cfg = self.config
-        # The record is built from grid descriptions only (cheap); then it is applied to every volume.
-        record = GridRecord(source=ref.geometry())
-        grid = _GridOnly.of(ref)
-
-        def add_step(op: str, after: _GridOnly, **params) -> _GridOnly:
-            record.steps.append({"op": op, **params, "before": grid.geometry(), "after": after.geometry()})
-            return after
-
-        if cfg.crop_foreground:
-            fg = foreground.array if foreground is not None else np.any([c.array != 0 for c in channels], axis=0)
-            start, stop = foreground_bbox(fg, cfg.foreground_margin)
-            grid = add_step("crop", grid.crop(start, stop), start=list(start), stop=list(stop))
-        if cfg.reorient:
-            order, flips = canonical_axes(grid.direction)
-            if order != (0, 1, 2) or any(flips):
-                grid = add_step("reorient", _reoriented_grid(grid, order, flips), order=list(order), flips=list(flips))
-        if cfg.target_shape is not None or cfg.target_spacing is not None:
-            grid = add_step("resample", _resampled_grid(grid, cfg.target_spacing, cfg.target_shape))
-        if cfg.pad_shape is not None:
-            start, stop = _center_box(grid.shape, cfg.pad_shape)
-            grid = add_step("crop", grid.crop(start, stop), start=start, stop=stop)
+        if foreground is None and self.config.crop_foreground and len(channels) > 1:
+            foreground = ref.with_array(np.any([c.array != 0 for c in channels], axis=0))  # of any channel
+        record = self.plan(ref, foreground)
         channels = [ch.with_array(self.normalize(ch.array)) for ch in channels]
         on_grid = [record.apply(ch, kind="image") for ch in channels]
         image_array = np.stack([v.array.astype(np.float32, copy=False) for v in on_grid])

@@ -195,7 +195,7 @@ def retrieval_map(label: Volume, values: Sequence[int], shape: Sequence[int] = (
     Raises:
       InputError: more than 254 findings, or a bad grid.
     """
-    from irisseg.preprocess import resample
+    from irisseg.preprocess import PreprocessConfig, Preprocessor
 
     values = [int(v) for v in values]
     if len(values) > 254:
@@ -207,5 +207,6 @@ def retrieval_map(label: Volume, values: Sequence[int], shape: Sequence[int] = (
     coded = np.zeros(array.shape, np.uint8)
     for k, v in enumerate(values):
         coded[array == v] = k + 1
-    # the same grid as retrieval_input's Preprocessor(target_shape=shape): the whole extent, corners aligned
-    return np.asarray(resample(label.with_array(coded), shape=shape, kind="label").array, dtype=np.uint8)
+    # the same steps as retrieval_input's Preprocessor(target_shape=shape): reoriented, the whole extent
+    record = Preprocessor(PreprocessConfig(target_shape=shape)).plan(label)
+    return np.asarray(record.apply(label.with_array(coded), kind="label").array, dtype=np.uint8)
