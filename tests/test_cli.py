@@ -121,6 +121,9 @@ def _bad_inputs(tmp_path, pair):
     (tmp_path / "taken.json").mkdir(exist_ok=True)
     cases["output is a folder"] = (["info", ref, "--json", tmp_path / "taken.json"],
                                    "taken.json: is a folder; give a file name")
+    (tmp_path / "a_file").write_text("keep")
+    cases["output folder is a file"] = (["synth", "--mode", "lesion", "--cases", "1", "--shape", "16", "--out",
+                                         tmp_path / "a_file"], "a_file: exists and is not a folder")
     return cases
 
 

@@ -379,6 +379,8 @@ def test_cli_lesion_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, t
         "mixed formats": (["predict", "--model", trained, "--input", mixed], "mixes .nii.gz images with other formats (c.mha)"),
         "unknown loss": (["train", "--data", bad, "--loss", "hinge"], "unknown loss"),
         "unknown ablation loss": (["ablate", "--data", bad, "--losses", "dice_bce,hinge"], "unknown loss"),
+        "bad device": (["train", "--data", dataset, "--device", "tpu9"], "unknown device"),
+        "ablate bad device": (["ablate", "--data", dataset, "--losses", "dice_bce", "--device", "tpu9"], "unknown device"),
     }
     for name, (args, message) in cases.items():
         out = tmp_path / f"out_{name.replace(' ', '_')}"
@@ -386,6 +388,8 @@ def test_cli_lesion_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, t
         assert code == 2, (name, err)
         assert err.count("\n") == 1 and err.startswith("irisseg: error: ") and message in err, (name, err)
         assert not out.exists() or not any(out.rglob("*.nii.gz")), name
+        if "device" in name:
+            assert not out.exists(), name
     assert not list(tmp_path.rglob(".irisseg-*"))
     code, _, err = run_cli(capsys, "lesion", "evaluate", "--model", trained, "--data", dataset, "--out", tmp_path / "taken.csv")
     assert code == 2 and err.strip().endswith("taken.csv: is a folder; give a file name to write to"), err

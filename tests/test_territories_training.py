@@ -262,15 +262,30 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, dataset, tra
         "one channel": (["predict", "--model", trained, "--input", one], "expects 4 channels"),
         "missing channel": (["predict", "--model", trained, "--input", alone], "missing channel file"),
         "not a model": (["predict", "--model", bad, "--input", one], "no territory model"),
+        "bad device": (["train", "--config", "SharedDecoder", "--data", dataset, "--device", "tpu9"], "unknown device"),
+        "matrix bad device": (["matrix", "--data", dataset, "--device", "tpu9"], "unknown device"),
+        "memory of a territory model": (["list-memory", trained], "not an in-context (IRIS) model"),
     }
     (bad.parent / "t.yaml").write_text(yaml.safe_dump(TINY))
     for name, (args, message) in cases.items():
         out = tmp_path / f"out_{name.replace(' ', '_')}"
-        code, _, err = run_cli(capsys, "territories", *args, "--out", out / "x.nii.gz" if args[0] == "predict" else out)
+        if args[0] == "list-memory":  # `irisseg memory list` on a model of another kind
+            code, _, err = run_cli(capsys, "memory", "list", "--model", args[1] / "best")
+        else:
+            code, _, err = run_cli(capsys, "territories", *args, "--out", out / "x.nii.gz" if args[0] == "predict" else out)
         assert code == 2, (name, err)
         assert err.count("\n") == 1 and err.startswith("irisseg: error: ") and message in err, (name, err)
         assert not out.exists(), name
     assert not list(tmp_path.rglob(".irisseg-*"))
+    taken = tmp_path / "taken"  # a run folder path that is a file, and an output file under a file
+    taken.write_text("x")
+    code, _, err = run_cli(capsys, "territories", "train", "--config", "SharedDecoder", "--data", dataset,
+                           "--out", taken, "--settings", bad.parent / "t.yaml")
+    assert code == 2 and err == f"irisseg: error: {taken}: exists and is not a folder\n", err
+    code, _, err = run_cli(capsys, "territories", "predict", "--model", trained, "--input", dataset / "imagesTr",
+                           "--out", taken / "preds")
+    assert code == 2 and err == f"irisseg: error: {taken}: is a file, not a folder\n", err
+    assert taken.read_text() == "x" and not list(tmp_path.rglob(".irisseg-*"))
 
 
 def test_predictor_refuses_a_non_territory_model(tmp_path):

@@ -104,3 +104,8 @@ def test_train_bad_input(tmp_path, capsys):
     assert "missing: no such dataset folder" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "r2"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r3"), "--device", "tpu9"]) == 2
+    assert "unknown device 'tpu9'" in capsys.readouterr().err and not (tmp_path / "r3").exists()
+    (tmp_path / "steps.yaml").write_text("max_steps: 0\n")
+    assert main(["train", "--out", str(tmp_path / "r4"), "--config", str(tmp_path / "steps.yaml")]) == 2
+    assert "max_steps must be at least 1, got 0" in capsys.readouterr().err and not (tmp_path / "r4").exists()

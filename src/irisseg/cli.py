@@ -618,6 +618,12 @@ def _memory_folder(model: str, modify: bool) -> Path:
     folder = resolve_model_dir(model)
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: not a model folder (config.json is missing)")
+    try:
+        keys = set(json.loads((folder / "config.json").read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise InputError(f"{folder / 'config.json'}: unreadable model config") from None
+    if not {"embed_dim", "num_tokens"} <= keys:  # the in-context model's config has both; no other model's
+        raise InputError(f"{folder}: not an in-context (IRIS) model; only those have a class memory")
     if modify and is_starter_dir(folder):
         raise InputError(
             f"{folder}: the packaged starter weights are read-only; copy the folder first "
@@ -1335,6 +1341,11 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         _error_line(str(exc))
         return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        if exc.filename is None:
+            raise
+        _error_line(_path_problem(exc))
+        return 2
     except typer.Abort:
         print("irisseg: aborted", file=sys.stderr)
         return 130
@@ -1348,6 +1359,18 @@ def main(argv: list[str] | None = None) -> int:
         _error_line(f"{exc.format_message()} (see 'irisseg --help')")
         return int(getattr(exc, "exit_code", 2))
     return result if isinstance(result, int) else 0
+
+
+def _path_problem(exc: OSError) -> str:
+    """One line for an output path that could not be made: a file where a folder is needed, no permission."""
+    path = Path(exc.filename)
+    if isinstance(exc, FileExistsError) and path.is_file():
+        return f"{path}: exists and is not a folder"
+    if isinstance(exc, NotADirectoryError):
+        for part in [path, *path.parents]:
+            if part.is_file():
+                return f"{part}: is a file, not a folder"
+    return f"{path}: {(exc.strerror or type(exc).__name__).lower()}"
 
 
 def _error_line(message: str) -> None:

@@ -79,6 +79,13 @@ class IncontextTrainConfig(YamlConfig):
     match_dropout: float = 0.2
     val_crop: int | None = None
 
+    def __post_init__(self):
+        for name in ("max_steps", "val_every", "val_tasks", "checkpoint_every", "max_support", "n_query", "max_classes"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.synthetic_fraction <= 1.0:
+            raise InputError(f"synthetic_fraction must be in [0, 1], got {self.synthetic_fraction}")
+
 
 class _Mixture(IterableDataset):
     """Draws from several infinite episode streams with given probabilities (deterministic by seed)."""
@@ -213,7 +220,9 @@ def train_incontext(cfg: IncontextTrainConfig, out: str | Path, data: list[str] 
       device: ``cpu``, ``cuda`` or ``auto``.
     """
     from irisseg.data.synthetic import FAMILIES, resolve_families
+    from irisseg.incontext import resolve_device
 
+    resolve_device(device)  # a bad device fails here, before the run folder is made
     out = Path(out)
     for grid in (cfg.crop or cfg.shape, cfg.val_crop or cfg.shape):
         if grid % 8:

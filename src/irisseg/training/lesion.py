@@ -331,8 +331,10 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
 
     from irisseg.data.datasets import load_dataset
     from irisseg.data.patches import LesionPatchDataset
+    from irisseg.incontext import resolve_device
     from irisseg.models.unet import ResidualUNet, UNetConfig
 
+    resolve_device(device)  # a bad device fails here, before the run folder is made
     out = Path(out)
     ckpt = resume_path(out, resume)
     if cfg.num_threads:
@@ -506,6 +508,9 @@ def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], o
                          f"(choose from {', '.join(LOSS_NAMES)})")
     if test_data is not None:
         _check_heldout(data, test_data)
+    from irisseg.incontext import resolve_device
+
+    resolve_device(device)  # a bad device fails here, before any run folder is made
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, curves = [], {}

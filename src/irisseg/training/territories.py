@@ -525,8 +525,11 @@ def train_territories(experiment_name: str, cfg: TerritoryTrainConfig, data: str
 
     from irisseg.data.datasets import load_dataset
     from irisseg.data.patches import PatchAugmentConfig
+    from irisseg.incontext import resolve_device
     from irisseg.models.territories import TerritoryNet, TerritoryNetConfig
     from irisseg.territories import get_experiment
+
+    resolve_device(device)  # a bad device fails here, before the run folder is made
 
     experiment = get_experiment(experiment_name)
     out = Path(out)
@@ -708,8 +711,10 @@ def run_matrix(data: str | Path, folds: Sequence[int], experiments, cfg: Territo
       InputError: an unknown configuration, a bad fold, a bad dataset (before anything is trained).
     """
     from irisseg.data.datasets import load_dataset
+    from irisseg.incontext import resolve_device
     from irisseg.territories import TerritoryExperiment, resolve_experiments, write_report
 
+    resolve_device(device)  # a bad device fails here, before any run folder is made
     if isinstance(experiments, TerritoryExperiment):
         experiments = [experiments]
     if experiments is not None and not isinstance(experiments, str):
