@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -251,6 +252,14 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, dataset, tra
     bad = tmp_path / "bad"
     one = write_volume(oblique_channels(5, n=1)[0], bad / "single.nii.gz")
     alone = write_volume(oblique_channels(5, n=1)[0], bad / "alone_0000.nii.gz")
+    relabelled = {}
+    for name, recode in (("empty", lambda a: np.zeros_like(a)), ("only1", lambda a: np.where(a > 0, 1, 0).astype(a.dtype))):
+        copy = relabelled[name] = tmp_path / f"ds_{name}"
+        shutil.copytree(dataset, copy)
+        for i, path in enumerate(sorted((copy / "labelsTr").iterdir())):
+            if name == "only1" or i == 0:  # one empty label map; or no territory 2 anywhere
+                label = read_volume(path)
+                write_volume(label.with_array(recode(label.array)), path)
     cases = {
         "unknown config": (["train", "--config", "SharedDecoder_Nope", "--data", dataset], "unknown territory configuration"),
         "missing data": (["train", "--config", "SharedDecoder", "--data", bad / "none"], "no such dataset folder"),
@@ -263,6 +272,12 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, dataset, tra
         "missing channel": (["predict", "--model", trained, "--input", alone], "missing channel file"),
         "not a model": (["predict", "--model", bad, "--input", one], "no territory model"),
         "bad device": (["train", "--config", "SharedDecoder", "--data", dataset, "--device", "tpu9"], "unknown device"),
+        "empty label map": (["train", "--config", "SharedDecoder", "--data", relabelled["empty"],
+                             "--settings", bad.parent / "t.yaml"],
+                            "case_0000.nii.gz: empty label map: no voxel of either territory"),
+        "no territory 2": (["train", "--config", "SharedDecoder", "--data", relabelled["only1"],
+                            "--settings", bad.parent / "t.yaml"],
+                           "no training case holds territory 2"),
         "matrix bad device": (["matrix", "--data", dataset, "--device", "tpu9"], "unknown device"),
         "memory of a territory model": (["list-memory", trained], "not an in-context (IRIS) model"),
     }

@@ -232,15 +232,20 @@ def prepare_territory_case(case, label_sets: Sequence[Sequence[int]]) -> Prepare
       PreparedTerritoryCase.
 
     Raises:
-      InputError: unreadable files, channels or label of different geometry, NaN intensities (naming the file).
+      InputError: unreadable files, channels or label of different geometry, NaN intensities, a label map
+        without any territory voxel (naming the file).
     """
     channels, label = case.load()
     for path, volume in zip(case.image_paths, channels, strict=False):
         if not np.isfinite(volume.array).all():
             raise InputError(f"{path}: image holds NaN or infinite intensities")
+    target = label_targets(label.array, label_sets)
+    if not target.any():
+        raise InputError(f"{case.label_path}: empty label map: no voxel of either territory (label ids "
+                         f"{', '.join(str(list(s)) for s in label_sets)})")
     arrays = [v.array for v in channels]
     image = normalize_channels(arrays, body_mask(arrays))
-    return PreparedTerritoryCase(case.case_id, image, label_targets(label.array, label_sets), channels[0])
+    return PreparedTerritoryCase(case.case_id, image, target, channels[0])
 
 
 class TerritorySliceDataset(Dataset):
@@ -544,6 +549,9 @@ def train_territories(experiment_name: str, cfg: TerritoryTrainConfig, data: str
     by_id = {c.case_id: c for c in dataset.cases}
     train_cases = [prepare_territory_case(by_id[i], label_sets) for i in splits["train"]]
     val_cases = [prepare_territory_case(by_id[i], label_sets) for i in splits["val"]]
+    for t in range(2):  # a territory no training case shows cannot be learnt
+        if not any(c.target[t].any() for c in train_cases):
+            raise InputError(f"{data}: no training case holds territory {t + 1} (label ids {list(label_sets[t])})")
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = TerritoryNet(TerritoryNetConfig(
