@@ -267,7 +267,7 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, dataset, tra
                                   "unknown territory configuration"),
         "matrix bad folds": (["matrix", "--data", dataset, "--folds", "zero"], "--folds"),
         "matrix fold out of range": (["matrix", "--data", dataset, "--folds", "0,7", "--settings", bad.parent / "t.yaml"],
-                                     "--fold must be in 0..1"),
+                                     "fold 7 does not exist: folds are 0..1"),
         "one channel": (["predict", "--model", trained, "--input", one], "expects 4 channels"),
         "missing channel": (["predict", "--model", trained, "--input", alone], "missing channel file"),
         "not a model": (["predict", "--model", bad, "--input", one], "no territory model"),

@@ -990,7 +990,7 @@ def mode_options(mode: str, **options) -> dict:
             lo, hi = int(merged[lo_key]), int(merged[hi_key])
             if not lo_min <= lo <= hi <= hi_max or hi < 1:
                 raise InputError(f"options {lo_key}/{hi_key} must satisfy {lo_min} <= {lo_key} <= {hi_key} "
-                                 f"<= {hi_max}, got {lo}/{hi}")
+                                 f"<= {hi_max} and {hi_key} >= 1, got {lo}/{hi}")
     if "protocol" in merged and merged["protocol"] not in LESION_PROTOCOLS:
         raise InputError(f"option protocol must be one of {', '.join(LESION_PROTOCOLS)}, got {merged['protocol']!r}")
     if "channels" in merged and not 1 <= int(merged["channels"]) <= 16:

@@ -483,7 +483,7 @@ def _fold_split(dataset, cfg: TerritoryTrainConfig, fold: int) -> dict:
                          f"(set n_folds to at most {n} in the --settings file)" if n >= 2 else
                          f"{dataset.root}: territory training needs at least 2 labelled cases, found {n}")
     if isinstance(fold, bool) or not 0 <= int(fold) < cfg.n_folds:
-        raise InputError(f"--fold must be in 0..{cfg.n_folds - 1} (n_folds = {cfg.n_folds}), got {fold}")
+        raise InputError(f"fold {fold} does not exist: folds are 0..{cfg.n_folds - 1} (n_folds = {cfg.n_folds})")
     train, val = kfold(dataset, k=cfg.n_folds, seed=cfg.seed)[int(fold)]
     return {"fold": int(fold), "n_folds": cfg.n_folds, "seed": cfg.seed, "train": train, "val": val}
 
