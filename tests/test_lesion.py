@@ -513,6 +513,13 @@ def test_two_channel_dataset_trains_predicts_and_refuses_a_missing_channel(capsy
                              "--out", tmp_path / "two.nii.gz")
     assert code == 2 and "expects 2 channel(s)" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "two.nii.gz").exists()
+    # ... and refused as well when a third channel file sits beside them (it would be ignored)
+    for c in (1, 2):
+        write_volume(read_volume(alone), alone.with_name(f"x_000{c}.nii.gz"))
+    code, out, err = run_cli(capsys, "lesion", "predict", "--model", run, "--input", alone,
+                             "--out", tmp_path / "three.nii.gz")
+    assert code == 2 and "x_0002.nii.gz: extra channel file (the model expects 2 channel(s)" in err, err
+    assert not (tmp_path / "three.nii.gz").exists()
 
 
 def test_mirror_tta_prediction_is_equivariant_to_flipping_the_input(trained):

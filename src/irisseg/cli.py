@@ -303,7 +303,7 @@ def train(
 
     Each step: one task, K supports and Q queries on a SHAPE^3 grid, Dice + BCE, AdamW with a cosine
     schedule, gradient clipping 1.0. Exports RUN/best and RUN/last (config.json + model.safetensors +
-    memory.safetensors) after every validation; logs to RUN/logs/metrics.csv (and TensorBoard).
+    memory.safetensors) after every validation; logs to RUN/logs/version_N/metrics.csv (a new version per start or resume; and TensorBoard).
     """
     from irisseg.training.incontext import IncontextTrainConfig, train_incontext
 
@@ -325,7 +325,7 @@ def train(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the example, predictions, overlays, summary.json.")] = Path("demo_out"),
     model: Annotated[str, typer.Option("--model", help="starter, or a model/run folder.")] = "starter",
-    device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto")] = "cpu",
     tune_steps: Annotated[int, typer.Option("--tune-steps", min=1, help="Steps of in-context tuning.")] = 10,
 ) -> None:
     """Segment the built-in example by example, with the four strategies, and print how well each did.

@@ -540,8 +540,9 @@ def image_cases(path: str | os.PathLike, n_channels: int = 1) -> list[tuple[str,
       list[tuple[str, list[Path]]]: ``(case id, channel paths in channel order)``, sorted by case id.
 
     Raises:
-      InputError: no such file or folder, no image in it, a case lacking a channel file, or (with several
-        channels) a file without the channel suffix.
+      InputError: no such file or folder, no image in it, a case lacking a channel file or with one too
+        many, (with several channels) a file without the channel suffix, two files of one case, or image
+        files of several formats in one folder.
     """
     path = Path(path)
     if not path.exists():
@@ -562,6 +563,10 @@ def image_cases(path: str | os.PathLike, n_channels: int = 1) -> list[tuple[str,
         for p in paths:
             if not p.is_file():
                 raise InputError(f"{p}: missing channel file (the model expects {n_channels} channel(s))")
+        extra = path.with_name(f"{case_id}_{n_channels:04d}{ending}")
+        if extra.is_file():
+            raise InputError(f"{extra}: extra channel file (the model expects {n_channels} channel(s), "
+                             f"{case_id}_0000{ending} ... {case_id}_{n_channels - 1:04d}{ending})")
         return [(case_id, paths)]
     ending = _infer_ending(path)
     others = sorted(p.name for p in _visible_files(path) if volume_suffix(p) not in ("", ending))

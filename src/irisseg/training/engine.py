@@ -271,7 +271,8 @@ def make_trainer(
     """Build the Trainer every irisseg pipeline uses.
 
     Arguments:
-      run_dir: output folder (logs in ``logs/metrics.csv``, ``tensorboard/``; resumable ``checkpoints/last.ckpt``).
+      run_dir: output folder (logs in ``logs/version_N/metrics.csv``, a new version per start or resume, and
+        ``tensorboard/``; resumable ``checkpoints/last.ckpt``).
       max_steps / max_epochs: training length.
       device: ``"cpu"``, ``"cuda"`` or ``"auto"``; on CUDA the precision is ``bf16-mixed``.
       val_check_interval: validate every this many steps (int) or fraction of an epoch (float).
