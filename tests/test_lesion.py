@@ -530,3 +530,14 @@ def test_mirror_tta_prediction_is_equivariant_to_flipping_the_input(trained):
     np.testing.assert_allclose(flipped[::-1, :, ::-1], prob, atol=1e-5)
     plain = LesionPredictor(trained).predict_probabilities([image]).array
     assert not np.allclose(plain, prob, atol=1e-6)  # the flipped passes do change the average
+
+
+def test_in_context_commands_refuse_a_lesion_model(capsys, tmp_path, trained):
+    from irisseg.incontext import load_model
+
+    with pytest.raises(InputError, match="not an in-context \\(IRIS\\) model"):
+        load_model(trained / "best")
+    for args in (["memory", "list", "--model", trained / "best"], ["demo", "--model", trained / "best", "--out", tmp_path / "d"]):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and err == f"irisseg: error: {trained / 'best'}: not an in-context (IRIS) model (its config.json is another kind's)\n"
+    assert not (tmp_path / "d").exists()

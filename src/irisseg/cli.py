@@ -614,16 +614,16 @@ memory_app = _command_group(
 def _memory_folder(model: str, modify: bool) -> Path:
     """The model folder whose ``memory.safetensors`` to use; the packaged starter folder is read-only."""
     from irisseg.incontext import is_starter_dir, resolve_model_dir
+    from irisseg.models.iris import check_iris_config
 
     folder = resolve_model_dir(model)
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: not a model folder (config.json is missing)")
     try:
-        keys = set(json.loads((folder / "config.json").read_text()))
+        config = json.loads((folder / "config.json").read_text())
     except (json.JSONDecodeError, TypeError, ValueError):
         raise InputError(f"{folder / 'config.json'}: unreadable model config") from None
-    if not {"embed_dim", "num_tokens"} <= keys:  # the in-context model's config has both; no other model's
-        raise InputError(f"{folder}: not an in-context (IRIS) model; only those have a class memory")
+    check_iris_config(config if isinstance(config, dict) else {}, folder)  # only in-context models have a memory
     if modify and is_starter_dir(folder):
         raise InputError(
             f"{folder}: the packaged starter weights are read-only; copy the folder first "

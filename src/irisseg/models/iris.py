@@ -153,6 +153,7 @@ class IrisModel(nn.Module):
         """Rebuild a model from a folder written by :meth:`save` (safetensors only, no pickle)."""
         folder = Path(folder)
         data = read_model_config(folder)
+        check_iris_config(data, folder)
         try:
             config = IrisConfig.from_dict(data)
         except (TypeError, ValueError) as exc:
@@ -161,6 +162,16 @@ class IrisModel(nn.Module):
         if (folder / "memory.safetensors").is_file():
             model.memory = ClassMemoryBank.load(folder / "memory.safetensors")
         return model
+
+
+def check_iris_config(data: dict, folder: str | Path) -> None:
+    """Refuse the ``config.json`` of another pipeline's model (lesion, territory, retrieval) in ``folder``.
+
+    Raises:
+      InputError: the config lacks ``embed_dim`` / ``num_tokens``, which only an in-context model has.
+    """
+    if not {"embed_dim", "num_tokens"} <= set(data):
+        raise InputError(f"{folder}: not an in-context (IRIS) model (its config.json is another kind's)")
 
 
 def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
