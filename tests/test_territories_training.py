@@ -279,15 +279,11 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, dataset, tra
                             "--settings", bad.parent / "t.yaml"],
                            "no training case holds territory 2"),
         "matrix bad device": (["matrix", "--data", dataset, "--device", "tpu9"], "unknown device"),
-        "memory of a territory model": (["list-memory", trained], "not an in-context (IRIS) model"),
     }
     (bad.parent / "t.yaml").write_text(yaml.safe_dump(TINY))
     for name, (args, message) in cases.items():
         out = tmp_path / f"out_{name.replace(' ', '_')}"
-        if args[0] == "list-memory":  # `irisseg memory list` on a model of another kind
-            code, _, err = run_cli(capsys, "memory", "list", "--model", args[1] / "best")
-        else:
-            code, _, err = run_cli(capsys, "territories", *args, "--out", out / "x.nii.gz" if args[0] == "predict" else out)
+        code, _, err = run_cli(capsys, "territories", *args, "--out", out / "x.nii.gz" if args[0] == "predict" else out)
         assert code == 2, (name, err)
         assert err.count("\n") == 1 and err.startswith("irisseg: error: ") and message in err, (name, err)
         assert not out.exists(), name

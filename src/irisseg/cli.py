@@ -46,10 +46,8 @@ def _fmt(value: float, digits: int = 4) -> str:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    """Write JSON atomically (temporary file, then rename), so a failure leaves nothing half-written."""
-    from irisseg.io import check_output_file
-
-    check_output_file(path)
+    """Write JSON atomically (temporary file, then rename), so a failure leaves nothing half-written.
+    Callers check ``path`` with :func:`irisseg.io.check_output_file` before their work."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=_json_default, allow_nan=True))

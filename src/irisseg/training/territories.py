@@ -522,8 +522,9 @@ def train_territories(experiment_name: str, cfg: TerritoryTrainConfig, data: str
       Path: ``out``; ``out/done.json`` holds the summary (best epoch, its mean Dice and Dice per channel).
 
     Raises:
-      InputError: an unknown configuration, an unreadable dataset or case, label ids that do not make two
-        territories, too few cases for the folds, a bad fold, nothing to resume. Nothing is written then.
+      InputError: an unknown configuration or device, an unreadable dataset or case, label ids that do not
+        make two territories, an empty label map, a territory no training case shows, too few cases for the
+        folds, a bad fold, nothing to resume. Nothing is written then.
     """
     import yaml
     from lightning.pytorch.callbacks import EarlyStopping
