@@ -541,3 +541,23 @@ def test_in_context_commands_refuse_a_lesion_model(capsys, tmp_path, trained):
         code, _, err = run_cli(capsys, *args)
         assert code == 2 and err == f"irisseg: error: {trained / 'best'}: not an in-context (IRIS) model (its config.json is another kind's)\n"
     assert not (tmp_path / "d").exists()
+
+
+def test_prediction_does_not_depend_on_how_the_file_stores_its_axes(trained):
+    """The model was trained with ``reorient`` (the default): a scan stored with permuted and flipped axes
+    gets the same segmentation, voxel for voxel in patient space."""
+    import SimpleITK as sitk
+
+    def stored(v: Volume) -> Volume:
+        return Volume.from_sitk(sitk.Flip(sitk.PermuteAxes(v.to_sitk(), [2, 0, 1]), [True, False, True]))
+
+    config = json.loads((trained / "best" / "config.json").read_text())
+    assert config["extra"]["lesion"]["reorient"] is True
+    predictor = LesionPredictor(trained)
+    image, _ = oblique_case(6)
+    plain = predictor.predict_probabilities([image])
+    moved = predictor.predict_probabilities([stored(image)])
+    assert same_geometry(moved, stored(image), tol=1e-9)
+    np.testing.assert_allclose(moved.array, stored(plain).array, atol=1e-6)
+    predictor.reorient = False  # as a model trained before the option existed: the grid as stored
+    assert not np.allclose(predictor.predict_probabilities([stored(image)]).array, stored(plain).array, atol=1e-3)

@@ -3,6 +3,9 @@ prediction and per-case evaluation (``irisseg lesion predict`` / ``irisseg lesio
 
 The model (:class:`~irisseg.models.unet.ResidualUNet`) works on the volume's own voxel grid: there is no
 resampling, so a prediction has exactly the input's shape, spacing, origin and direction by construction.
+Models trained with ``reorient`` (the default) see the array axes relabelled towards the identity
+direction (:func:`irisseg.preprocess.canonical_axes`, no interpolation), and the prediction is relabelled
+back, so a scan stored with another axis order is segmented the same way.
 Every image channel is normalised on its own (:func:`normalize_channels`), the same way in training and
 inference. Training lives in :mod:`irisseg.training.lesion`.
 
@@ -25,7 +28,7 @@ import torch
 from irisseg.errors import InputError
 from irisseg.io import Volume, check_same_geometry
 from irisseg.models.blocks import autocast_for
-from irisseg.preprocess import clip_percentiles, zscore
+from irisseg.preprocess import canonical_axes, clip_percentiles, inverse_axes, reorient, zscore
 
 __all__ = ["LesionPredictor", "body_mask", "check_channels", "normalize_channels", "sliding_window_logits",
            "case_metrics", "evaluate_dataset", "summary_rows", "metric_summary", "resolve_lesion_model_dir", "METRIC_KEYS"]
@@ -199,6 +202,7 @@ class LesionPredictor:
             raise InputError(f"threshold must be between 0 and 1 (exclusive), got {self.threshold}")
         self.sw_batch_size = int(sw_batch_size)
         self.tta = bool(tta)
+        self.reorient = bool(info.get("reorient", False))  # models trained before it existed: voxel grid as stored
         self.seconds = 0.0
 
     def predict_probabilities(self, channels: Sequence[Volume], names: Sequence[str] | None = None) -> Volume:
@@ -218,7 +222,12 @@ class LesionPredictor:
         t0 = time.perf_counter()
         from irisseg.incontext import MIRROR_AXES
 
-        image = torch.from_numpy(normalize_channels([c.array for c in channels]))[None]
+        arrays, back = [c.array for c in channels], None
+        if self.reorient:  # as in training: axes relabelled towards the identity direction
+            axes = canonical_axes(channels[0].direction)
+            moved = [reorient(c, *axes) for c in channels]
+            arrays, back = [m.array for m in moved], (moved[0], inverse_axes(*axes))
+        image = torch.from_numpy(normalize_channels(arrays))[None]
         prob = torch.zeros(image.shape[2:])
         passes = MIRROR_AXES if self.tta else ((),)
         for axes in passes:
@@ -227,6 +236,8 @@ class LesionPredictor:
                                            self.device)[0, 0]
             prob += torch.sigmoid(logits.flip(axes) if axes else logits)
         prob = (prob / len(passes)).numpy().astype(np.float32)
+        if back is not None:  # to the input's own axes
+            prob = reorient(back[0].with_array(prob), *back[1]).array
         self.seconds = time.perf_counter() - t0
         return channels[0].with_array(prob)
 

@@ -39,6 +39,7 @@ from irisseg.io import Volume
 __all__ = [
     "CT_WINDOWS",
     "canonical_axes",
+    "inverse_axes",
     "reorient",
     "PreprocessConfig",
     "Preprocessor",
@@ -204,7 +205,7 @@ def canonical_axes(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[b
     return tuple(order), tuple(bool(direction[j, order[j]] < 0) for j in range(3))
 
 
-def _inverse_axes(order: Sequence[int], flips: Sequence[bool]) -> tuple[list[int], list[bool]]:
+def inverse_axes(order: Sequence[int], flips: Sequence[bool]) -> tuple[list[int], list[bool]]:
     """The ``(order, flips)`` that undoes :func:`reorient` with ``(order, flips)``."""
     inverse = [int(np.argsort(order)[i]) for i in range(3)]
     return inverse, [bool(flips[inverse[i]]) for i in range(3)]
@@ -452,7 +453,7 @@ class GridRecord:
                 stop = [a + b for a, b in zip(start, before)]
                 volume = crop_to_bbox(volume, start, stop)
             elif step["op"] == "reorient":
-                volume = reorient(volume, *_inverse_axes(step["order"], step["flips"]))
+                volume = reorient(volume, *inverse_axes(step["order"], step["flips"]))
             else:
                 volume = _resample_onto(volume, self._grid(step["before"]), kind)
         src = self.source

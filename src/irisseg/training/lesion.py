@@ -8,7 +8,8 @@ precision and F1, HD95. Early stopping on validation Dice; ``RUN/best`` and ``RU
 (``config.json`` + ``model.safetensors``); ``RUN/metrics.csv`` holds one row per epoch; ``--resume``
 continues from ``RUN/checkpoints/last.ckpt``.
 
-Volumes stay on their own voxel grid (no resampling); lesion = every non-zero label of the label map.
+Volumes stay on their own voxel grid (no resampling), their array axes relabelled towards the identity
+direction (``reorient``, no interpolation); lesion = every non-zero label of the label map.
 All cases are read once and kept in memory as float32 (a 64^3 single-channel case is 1 MB).
 """
 
@@ -84,6 +85,8 @@ class LesionTrainConfig(YamlConfig):
         of :class:`irisseg.data.patches.PatchAugmentConfig`'s fields (e.g. ``{spatial_prob: 0.2,
         gamma_prob: 0.3}`` for nnU-Net-style rotation / zoom and gamma), used when ``augment`` is true.
       num_workers: DataLoader workers drawing patches; num_threads: torch threads (None: default); seed.
+      reorient: relabel every case's array axes towards the identity direction before training (no
+        interpolation; :func:`prepare_case`); stored in the model, whose predictions then do the same.
       compile: compile the network's training steps with ``torch.compile``
         (:meth:`~irisseg.training.engine.AnnealedModule.train_forward`; falls back to the plain network
         with a warning where compiling is not possible).
@@ -119,6 +122,7 @@ class LesionTrainConfig(YamlConfig):
     num_threads: int | None = None
     seed: int = 0
     compile: bool = False
+    reorient: bool = True
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -175,7 +179,7 @@ class PreparedCase:
       image (np.ndarray): float32 (C, D, H, W), normalised (:func:`irisseg.lesion.normalize_channels`).
       label (np.ndarray): uint8 (D, H, W), 1 = lesion (any non-zero label of the label map).
       body (np.ndarray): bool (D, H, W) body mask (:func:`irisseg.lesion.body_mask`).
-      geometry (Volume): the first channel as read (its geometry is the case's).
+      geometry (Volume): the first channel as the arrays are laid out (reoriented with them, if they were).
     """
 
     case_id: str
@@ -189,16 +193,28 @@ class PreparedCase:
         return self.geometry.spacing_zyx
 
 
-def prepare_case(case) -> PreparedCase:
+def prepare_case(case, reorient: bool = True) -> PreparedCase:
     """Read and normalise one labelled :class:`~irisseg.data.datasets.Case`.
+
+    Arguments:
+      case (Case): a dataset case (channels and label map, one geometry).
+      reorient (bool): relabel the array axes towards the identity direction
+        (:func:`irisseg.preprocess.canonical_axes`; no interpolation), as prediction then does, so cases
+        stored with other axis orders reach the network alike.
 
     Raises:
       InputError: unreadable files, channels or label of different geometry, NaN intensities (naming the file).
     """
+    from irisseg.preprocess import canonical_axes
+    from irisseg.preprocess import reorient as relabel
+
     channels, label = case.load()
     for path, volume in zip(case.image_paths, channels, strict=False):
         if not np.isfinite(volume.array).all():
             raise InputError(f"{path}: image holds NaN or infinite intensities")
+    if reorient:
+        axes = canonical_axes(channels[0].direction)
+        channels, label = [relabel(v, *axes) for v in channels], relabel(label, *axes)
     arrays = [v.array for v in channels]
     body = body_mask(arrays)
     return PreparedCase(case.case_id, normalize_channels(arrays, body), (label.array != 0).astype(np.uint8), body,
@@ -276,6 +292,7 @@ class LesionLightning(AnnealedModule):
 
 def _model_extra(cfg: LesionTrainConfig, info: dict) -> dict:
     return {"lesion": {"patch": [cfg.patch] * 3, "overlap": cfg.overlap, "threshold": cfg.threshold,
+                       "reorient": cfg.reorient,
                        "normalization": "per-channel clip 0.5-99.5 pct + z-score over the body (non-zero voxels)",
                        **info},
             "train": cfg.to_dict()}
@@ -342,8 +359,8 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
     dataset = load_dataset(data)
     splits = _splits(dataset, cfg, out, resume)
     by_id = {c.case_id: c for c in dataset.cases}
-    train_cases = [prepare_case(by_id[i]) for i in splits["train"]]
-    val_cases = [prepare_case(by_id[i]) for i in splits["val"]]
+    train_cases = [prepare_case(by_id[i], cfg.reorient) for i in splits["train"]]
+    val_cases = [prepare_case(by_id[i], cfg.reorient) for i in splits["val"]]
     n_channels = train_cases[0].image.shape[0]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = ResidualUNet(UNetConfig(in_channels=n_channels, out_channels=1, channels=cfg.channels,
