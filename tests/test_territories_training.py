@@ -306,3 +306,24 @@ def test_predictor_refuses_a_non_territory_model(tmp_path):
     ResidualUNet(UNetConfig(in_channels=4, channels=(4, 8))).save(tmp_path / "unet")
     with pytest.raises(InputError, match="not a territory model"):
         TerritoryPredictor(tmp_path / "unet")
+
+
+def test_prediction_does_not_depend_on_how_the_file_stores_its_axes(trained):
+    """Trained with ``reorient`` (the default), a 2D territory model slices the same patient axis whatever
+    axis order the file stores: the probabilities agree voxel for voxel in patient space."""
+    import SimpleITK as sitk
+
+    from irisseg.training.territories import TerritoryPredictor
+
+    def stored(v: Volume) -> Volume:
+        return Volume.from_sitk(sitk.Flip(sitk.PermuteAxes(v.to_sitk(), [1, 2, 0]), [False, True, True]))
+
+    predictor = TerritoryPredictor(trained)
+    assert predictor.reorient and predictor.spatial_dims == 2
+    channels = oblique_channels(8)
+    plain = predictor.predict_probabilities(channels)
+    moved = predictor.predict_probabilities([stored(c) for c in channels])
+    for k in range(2):
+        np.testing.assert_allclose(moved[k], stored(channels[0].with_array(plain[k])).array, atol=1e-6)
+    labels = predictor.predict([stored(c) for c in channels])
+    assert same_geometry(labels, stored(channels[0]), tol=1e-9)

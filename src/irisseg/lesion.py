@@ -28,7 +28,7 @@ import torch
 from irisseg.errors import InputError
 from irisseg.io import Volume, check_same_geometry
 from irisseg.models.blocks import autocast_for
-from irisseg.preprocess import canonical_axes, clip_percentiles, inverse_axes, reorient, zscore
+from irisseg.preprocess import canonical_arrays, clip_percentiles, zscore
 
 __all__ = ["LesionPredictor", "body_mask", "check_channels", "normalize_channels", "sliding_window_logits",
            "case_metrics", "evaluate_dataset", "summary_rows", "metric_summary", "resolve_lesion_model_dir", "METRIC_KEYS"]
@@ -222,11 +222,7 @@ class LesionPredictor:
         t0 = time.perf_counter()
         from irisseg.incontext import MIRROR_AXES
 
-        arrays, back = [c.array for c in channels], None
-        if self.reorient:  # as in training: axes relabelled towards the identity direction
-            axes = canonical_axes(channels[0].direction)
-            moved = [reorient(c, *axes) for c in channels]
-            arrays, back = [m.array for m in moved], (moved[0], inverse_axes(*axes))
+        arrays, back = canonical_arrays(channels, self.reorient)  # as in training
         image = torch.from_numpy(normalize_channels(arrays))[None]
         prob = torch.zeros(image.shape[2:])
         passes = MIRROR_AXES if self.tta else ((),)
@@ -236,8 +232,7 @@ class LesionPredictor:
                                            self.device)[0, 0]
             prob += torch.sigmoid(logits.flip(axes) if axes else logits)
         prob = (prob / len(passes)).numpy().astype(np.float32)
-        if back is not None:  # to the input's own axes
-            prob = reorient(back[0].with_array(prob), *back[1]).array
+        prob = back(prob)  # to the input's own axes
         self.seconds = time.perf_counter() - t0
         return channels[0].with_array(prob)
 

@@ -39,7 +39,9 @@ from irisseg.io import Volume
 __all__ = [
     "CT_WINDOWS",
     "canonical_axes",
+    "canonical_arrays",
     "inverse_axes",
+    "reorient_case",
     "reorient",
     "PreprocessConfig",
     "Preprocessor",
@@ -240,6 +242,41 @@ def reorient(volume: Volume, order: Sequence[int], flips: Sequence[bool]) -> Vol
         array = np.flip(array, axis=flipped)
     grid = _reoriented_grid(volume, order, flips)
     return Volume(np.ascontiguousarray(array), grid.spacing, grid.origin, grid.direction)
+
+
+def reorient_case(channels: Sequence[Volume], label: Volume, enabled: bool = True) -> tuple[list[Volume], Volume]:
+    """A training case's channels and label map (one geometry) with their axes relabelled towards the
+    identity direction (:func:`canonical_axes` of the first channel; unchanged when not ``enabled``)."""
+    if not enabled:
+        return list(channels), label
+    axes = canonical_axes(channels[0].direction)
+    return [reorient(v, *axes) for v in channels], reorient(label, *axes)
+
+
+def canonical_arrays(channels: Sequence[Volume], enabled: bool = True):
+    """The channels' arrays with their axes relabelled towards the identity direction (:func:`canonical_axes`
+    of the first channel), and the function that takes an array on that grid back to the channels' own axes.
+
+    Arguments:
+      channels (Sequence[Volume]): (D, H, W) volumes of one geometry.
+      enabled (bool): False: the arrays as stored, and the identity.
+
+    Returns:
+      (arrays, back): ``arrays`` a list of (D', H', W') arrays; ``back(a)`` for ``a`` of shape (..., D', H', W')
+      returns (..., D, H, W) on the first channel's own grid.
+    """
+    if not enabled:
+        return [c.array for c in channels], lambda array: array
+    axes = canonical_axes(channels[0].direction)
+    moved = [reorient(c, *axes) for c in channels]
+    inverse = inverse_axes(*axes)
+
+    def back(array: np.ndarray) -> np.ndarray:
+        flat = np.asarray(array).reshape(-1, *moved[0].shape)
+        out = [reorient(moved[0].with_array(a), *inverse).array for a in flat]
+        return np.stack(out).reshape(*np.shape(array)[:-3], *channels[0].shape)
+
+    return [m.array for m in moved], back
 
 
 class _GridOnly(Volume):

@@ -205,16 +205,13 @@ def prepare_case(case, reorient: bool = True) -> PreparedCase:
     Raises:
       InputError: unreadable files, channels or label of different geometry, NaN intensities (naming the file).
     """
-    from irisseg.preprocess import canonical_axes
-    from irisseg.preprocess import reorient as relabel
+    from irisseg.preprocess import reorient_case
 
     channels, label = case.load()
     for path, volume in zip(case.image_paths, channels, strict=False):
         if not np.isfinite(volume.array).all():
             raise InputError(f"{path}: image holds NaN or infinite intensities")
-    if reorient:
-        axes = canonical_axes(channels[0].direction)
-        channels, label = [relabel(v, *axes) for v in channels], relabel(label, *axes)
+    channels, label = reorient_case(channels, label, reorient)
     arrays = [v.array for v in channels]
     body = body_mask(arrays)
     return PreparedCase(case.case_id, normalize_channels(arrays, body), (label.array != 0).astype(np.uint8), body,

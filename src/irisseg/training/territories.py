@@ -8,7 +8,8 @@ dataset with multi-channel images (``<case>_0000`` ... ``<case>_0003``, e.g. per
 Targets: two binary channels ``(2, D, H, W)``: channel 0 = territory 1, channel 1 = territory 2
 (:func:`territory_label_sets` says which label ids make each). Images: every channel is clipped and
 z-scored over the body on its own (:func:`irisseg.lesion.normalize_channels`), in training and prediction
-alike. Volumes stay on their own voxel grid (no resampling).
+alike. Volumes stay on their own voxel grid (no resampling), their array axes relabelled towards the identity
+direction (``reorient``, no interpolation).
 
 * ``spatial_dims=2`` (default): the network sees slices along array axis 0 (the ``D`` axis): training
   draws ``(C, patch, patch)`` crops of slices (mostly slices with a territory voxel, some without),
@@ -96,6 +97,9 @@ class TerritoryTrainConfig(YamlConfig):
       augment: intensity augmentation (per-channel scale / shift, noise); never flips.
       slice_batch: slices per forward pass when predicting a volume in 2D.
       num_workers: DataLoader workers drawing crops; num_threads: torch threads (None: torch's default); seed.
+      reorient: relabel every case's array axes towards the identity direction (no interpolation), so 2D
+        slices are taken along the same patient axis whatever the stored axis order; stored in the model,
+        whose predictions then do the same.
     """
 
     spatial_dims: int = 2
@@ -120,6 +124,7 @@ class TerritoryTrainConfig(YamlConfig):
     num_workers: int = 0
     num_threads: int | None = None
     seed: int = 0
+    reorient: bool = True
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -221,12 +226,14 @@ class PreparedTerritoryCase:
     geometry: Volume
 
 
-def prepare_territory_case(case, label_sets: Sequence[Sequence[int]]) -> PreparedTerritoryCase:
+def prepare_territory_case(case, label_sets: Sequence[Sequence[int]], reorient: bool = True) -> PreparedTerritoryCase:
     """Read, normalise and convert one labelled :class:`~irisseg.data.datasets.Case`.
 
     Arguments:
       case (Case): a training case (image channels ``_0000``... and a label map, same geometry).
       label_sets: territory label ids (:func:`territory_label_sets`).
+      reorient (bool): relabel the array axes towards the identity direction (no interpolation), as
+        prediction then does (:func:`irisseg.preprocess.reorient_case`).
 
     Returns:
       PreparedTerritoryCase.
@@ -235,10 +242,13 @@ def prepare_territory_case(case, label_sets: Sequence[Sequence[int]]) -> Prepare
       InputError: unreadable files, channels or label of different geometry, NaN intensities, a label map
         without any territory voxel (naming the file).
     """
+    from irisseg.preprocess import reorient_case
+
     channels, label = case.load()
     for path, volume in zip(case.image_paths, channels, strict=False):
         if not np.isfinite(volume.array).all():
             raise InputError(f"{path}: image holds NaN or infinite intensities")
+    channels, label = reorient_case(channels, label, reorient)
     target = label_targets(label.array, label_sets)
     if not target.any():
         raise InputError(f"{case.label_path}: empty label map: no voxel of either territory (label ids "
@@ -466,6 +476,7 @@ class TerritoryLightning(AnnealedModule):
 def _model_extra(cfg: TerritoryTrainConfig, info: dict) -> dict:
     """The ``extra`` metadata saved with every exported model (what :class:`TerritoryPredictor` reads)."""
     return {"territories": {"spatial_dims": cfg.spatial_dims, "patch": cfg.patch, "overlap": cfg.overlap,
+                            "reorient": cfg.reorient,
                             "threshold": cfg.threshold, "slice_batch": cfg.slice_batch,
                             "normalization": _NORMALIZATION, **info},
             "train": cfg.to_yaml_dict()}
@@ -548,8 +559,8 @@ def train_territories(experiment_name: str, cfg: TerritoryTrainConfig, data: str
     if resume and (out / "splits.json").is_file():
         splits = json.loads((out / "splits.json").read_text())
     by_id = {c.case_id: c for c in dataset.cases}
-    train_cases = [prepare_territory_case(by_id[i], label_sets) for i in splits["train"]]
-    val_cases = [prepare_territory_case(by_id[i], label_sets) for i in splits["val"]]
+    train_cases = [prepare_territory_case(by_id[i], label_sets, cfg.reorient) for i in splits["train"]]
+    val_cases = [prepare_territory_case(by_id[i], label_sets, cfg.reorient) for i in splits["val"]]
     for t in range(2):  # a territory no training case shows cannot be learnt
         if not any(c.target[t].any() for c in train_cases):
             raise InputError(f"{data}: no training case holds territory {t + 1} (label ids {list(label_sets[t])})")
@@ -654,6 +665,7 @@ class TerritoryPredictor:
         self.threshold = float(info.get("threshold", 0.5) if threshold is None else threshold)
         if not 0.0 < self.threshold < 1.0:
             raise InputError(f"threshold must be between 0 and 1 (exclusive), got {self.threshold}")
+        self.reorient = bool(info.get("reorient", False))  # models trained before it existed: grid as stored
         self.seconds = 0.0
 
     def predict_probabilities(self, channels: Sequence[Volume], names: Sequence[str] | None = None) -> np.ndarray:
@@ -670,12 +682,15 @@ class TerritoryPredictor:
         Raises:
           InputError: wrong channel count, non-3D input, NaN intensities, channels of different geometry.
         """
+        from irisseg.preprocess import canonical_arrays
+
         check_channels(channels, self.in_channels, names)
         t0 = time.perf_counter()
-        image = normalize_channels([c.array for c in channels])
+        arrays, back = canonical_arrays(channels, self.reorient)  # as in training
+        image = normalize_channels(arrays)
         logits = predict_logits(self.model, image, self.spatial_dims, self.patch, self.overlap, self.slice_batch,
                                 self.device)
-        prob = torch.sigmoid(logits).numpy().astype(np.float32)
+        prob = back(torch.sigmoid(logits).numpy().astype(np.float32))
         self.seconds = time.perf_counter() - t0
         return prob
 
