@@ -244,13 +244,16 @@ def reorient(volume: Volume, order: Sequence[int], flips: Sequence[bool]) -> Vol
     return Volume(np.ascontiguousarray(array), grid.spacing, grid.origin, grid.direction)
 
 
+def _axes_record(reference: Volume, enabled: bool) -> GridRecord:
+    """The :class:`GridRecord` of the reorient step alone (empty when not ``enabled`` or not needed)."""
+    return Preprocessor(PreprocessConfig(reorient=enabled)).plan(reference)
+
+
 def reorient_case(channels: Sequence[Volume], label: Volume, enabled: bool = True) -> tuple[list[Volume], Volume]:
     """A training case's channels and label map (one geometry) with their axes relabelled towards the
     identity direction (:func:`canonical_axes` of the first channel; unchanged when not ``enabled``)."""
-    if not enabled:
-        return list(channels), label
-    axes = canonical_axes(channels[0].direction)
-    return [reorient(v, *axes) for v in channels], reorient(label, *axes)
+    record = _axes_record(channels[0], enabled)
+    return [record.apply(v, kind="image") for v in channels], record.apply(label)
 
 
 def canonical_arrays(channels: Sequence[Volume], enabled: bool = True):
@@ -265,18 +268,15 @@ def canonical_arrays(channels: Sequence[Volume], enabled: bool = True):
       (arrays, back): ``arrays`` a list of (D', H', W') arrays; ``back(a)`` for ``a`` of shape (..., D', H', W')
       returns (..., D, H, W) on the first channel's own grid.
     """
-    if not enabled:
-        return [c.array for c in channels], lambda array: array
-    axes = canonical_axes(channels[0].direction)
-    moved = [reorient(c, *axes) for c in channels]
-    inverse = inverse_axes(*axes)
+    record = _axes_record(channels[0], enabled)
+    shape = tuple(record.model_geometry()["shape"])
 
     def back(array: np.ndarray) -> np.ndarray:
-        flat = np.asarray(array).reshape(-1, *moved[0].shape)
-        out = [reorient(moved[0].with_array(a), *inverse).array for a in flat]
+        flat = np.asarray(array).reshape(-1, *shape)
+        out = [record.invert(a, kind="linear").array for a in flat]
         return np.stack(out).reshape(*np.shape(array)[:-3], *channels[0].shape)
 
-    return [m.array for m in moved], back
+    return [record.apply(c, kind="image").array for c in channels], back
 
 
 class _GridOnly(Volume):
