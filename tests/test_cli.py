@@ -124,6 +124,8 @@ def _bad_inputs(tmp_path, pair):
     (tmp_path / "a_file").write_text("keep")
     cases["output folder is a file"] = (["synth", "--mode", "lesion", "--cases", "1", "--shape", "16", "--out",
                                          tmp_path / "a_file"], "a_file: exists and is not a folder")
+    cases["output is another kind of file"] = (["segment", "--query", img, "--support", img, "--support-mask", ref,
+                                                "--out", tmp_path / "seg.png"], "seg.png: not a volume file name")
     return cases
 
 

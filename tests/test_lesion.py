@@ -391,6 +391,9 @@ def test_cli_lesion_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, t
         if "device" in name:
             assert not out.exists(), name
     assert not list(tmp_path.rglob(".irisseg-*"))
+    code, _, err = run_cli(capsys, "lesion", "predict", "--model", trained, "--input", good, "--out", tmp_path / "p.png")
+    assert code == 2 and "p.png: not a volume file name (give one ending in .nii.gz" in err, err
+    assert not (tmp_path / "p.png").exists()
     code, _, err = run_cli(capsys, "lesion", "evaluate", "--model", trained, "--data", dataset, "--out", tmp_path / "taken.csv")
     assert code == 2 and err.strip().endswith("taken.csv: is a folder; give a file name to write to"), err
     assert not any((tmp_path / "taken.csv").iterdir()) and not list(tmp_path.glob(".*.tmp"))

@@ -426,11 +426,33 @@ def _retrieved_supports(seg, retrieval, volume, query_path: Path, label: str, sh
                   + f"; encoding {seg.timings['support']:.2f} s")
 
 
-def _segment_targets(queries: list[Path], out: Path) -> list[Path]:
-    """Output path of each query: OUT itself (one query, OUT with a volume ending) or OUT/<stem>_seg.nii.gz."""
-    from irisseg.io import volume_suffix
+#: File endings that name a file irisseg cannot write a volume to; ``--out`` with one of them is refused
+#: rather than made into a folder of that name.
+_OTHER_FILE_ENDINGS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".csv", ".json", ".txt", ".yaml",
+                       ".yml", ".npy", ".npz", ".pt", ".pth", ".pkl", ".h5", ".hdf5", ".safetensors", ".dcm", ".gz",
+                       ".zip")
+
+
+def _is_volume_out(out: Path) -> bool:
+    """Whether ``--out`` names one volume file (True) or a folder (False).
+
+    Raises:
+      InputError: ``out`` ends like another kind of file (``x.png``, ``x.csv``, ...) and is not an existing
+        folder: neither a volume nor a folder name.
+    """
+    from irisseg.io import SUFFIXES, volume_suffix
 
     if volume_suffix(out):
+        return True
+    if out.suffix.lower() in _OTHER_FILE_ENDINGS and not out.is_dir():
+        raise InputError(f"--out {out}: not a volume file name (give one ending in {', '.join(SUFFIXES)}) "
+                         "or a folder")
+    return False
+
+
+def _segment_targets(queries: list[Path], out: Path) -> list[Path]:
+    """Output path of each query: OUT itself (one query, OUT with a volume ending) or OUT/<stem>_seg.nii.gz."""
+    if _is_volume_out(out):
         if len(queries) > 1:
             raise InputError(
                 f"--out {out}: with {len(queries)} queries --out must be a folder (each output is named <query>_seg.nii.gz)"
@@ -791,10 +813,9 @@ def _case_targets(input: Path, n_channels: int, out: Path) -> tuple[list[tuple[s
         output would overwrite an input.
     """
     from irisseg.data.datasets import image_cases
-    from irisseg.io import volume_suffix
 
     cases = image_cases(input, n_channels)
-    if volume_suffix(out):
+    if _is_volume_out(out):
         if len(cases) > 1:
             raise InputError(f"--out {out}: {len(cases)} cases need an output folder, not a file name")
         targets = [out]
