@@ -218,7 +218,9 @@ def compare_files(pred: Path, ref: Path, tolerance_mm: float = 1.0, labels: list
       lesion_wise (bool): also report lesion-wise detection (26-connected components).
 
     Returns:
-      dict: ``{"pred", "ref", "spacing_zyx_mm", "labels": {label: {metric: value}}}``.
+      dict: ``{"pred", "ref", "spacing_zyx_mm", "tolerance_mm", "labels": {label: {metric: value}}}``, plus
+      ``"warning"`` (str) when both files have foreground but share no label value (for example 0/255
+      against 0/1): labels are compared value by value, so every Dice is then 0.
     """
     from irisseg.io import read_mask
     from irisseg.metrics import evaluate
@@ -227,13 +229,19 @@ def compare_files(pred: Path, ref: Path, tolerance_mm: float = 1.0, labels: list
     pred_vol = read_mask(pred, reference=ref_vol, reference_name=ref, allow_empty=True)
     per_label = evaluate(pred_vol.array, ref_vol.array, spacing=ref_vol.spacing_zyx, labels=labels,
                          tolerance_mm=tolerance_mm, lesion_wise=lesion_wise)
-    return {
+    report = {
         "pred": str(pred),
         "ref": str(ref),
         "spacing_zyx_mm": list(ref_vol.spacing_zyx),
         "tolerance_mm": tolerance_mm,
         "labels": {str(k): v for k, v in per_label.items()},
     }
+    pred_values = {int(v) for v in np.unique(pred_vol.array)} - {0}
+    ref_values = {int(v) for v in np.unique(ref_vol.array)} - {0}
+    if pred_values and ref_values and not pred_values & ref_values:
+        report["warning"] = (f"the files share no label value ({pred} has {sorted(pred_values)}, {ref} has "
+                             f"{sorted(ref_values)}); labels are compared value by value")
+    return report
 
 
 def print_metrics_table(report: dict, title: str | None = None) -> None:
@@ -279,6 +287,8 @@ def metrics(
         check_output_file(json_out)
     report = compare_files(pred, ref, tolerance_mm=tolerance_mm, labels=label_list, lesion_wise=lesion)
     print_metrics_table(report)
+    if "warning" in report:
+        console.print(f"[yellow]warning:[/yellow] {report['warning']}")
     if json_out is not None:
         _write_json(json_out, report)
         console.print(f"wrote {json_out}")
