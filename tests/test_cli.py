@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import subprocess
@@ -179,3 +180,17 @@ def test_console_script_exit_code(tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"irisseg: error: {tmp_path / 'missing.nii.gz'}: no such file or folder"
+
+
+def test_irisseg_warnings_print_as_one_line_and_others_pass_through(tmp_path):
+    from irisseg.cli import _warning_printer
+
+    seen = []
+    show = _warning_printer(lambda *args: seen.append(args))
+    out = io.StringIO()
+    import irisseg.training.retrieval as own
+
+    show(UserWarning("epoch 0: none of its\n  2 batches"), UserWarning, own.__file__, 12, out)
+    assert out.getvalue() == "irisseg: warning: epoch 0: none of its 2 batches\n" and not seen
+    show(UserWarning("from elsewhere"), UserWarning, str(tmp_path / "other.py"), 3, out)
+    assert len(seen) == 1 and seen[0][2] == str(tmp_path / "other.py") and out.getvalue().count("\n") == 1

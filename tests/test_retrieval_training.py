@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -21,12 +22,13 @@ from irisseg.cli import main
 from irisseg.data.findings import load_findings, retrieval_input
 from irisseg.errors import InputError
 from irisseg.io import read_volume
-from irisseg.losses import soft_micro_f1_loss, triplet_loss
-from irisseg.models.embedding import EmbeddingNet
+from irisseg.losses import soft_micro_f1_loss, triplet_loss, triplet_masks
+from irisseg.models.embedding import EmbeddingConfig, EmbeddingNet
 from irisseg.training.engine import read_metrics_csv
 from irisseg.training.retrieval import (
     METRICS_COLUMNS,
     BalancedBatchSampler,
+    RetrievalLightning,
     RetrievalTrainConfig,
     ShuffledBatchSampler,
     build_volume_cache,
@@ -111,6 +113,9 @@ def test_balanced_sampler_batches_are_groups_sharing_their_finding():
     assert list(sampler) != batches
     with pytest.raises(InputError, match="n_classes_per_batch"):
         BalancedBatchSampler(y, n_classes=4, n_samples=2, steps=1)
+    shared = np.array([[1, 1, 0], [1, 0, 1], [1, 1, 1], [0, 0, 0]], np.uint8)  # all share A; row 3 never drawn
+    with pytest.raises(InputError, match="every pair of the 3 training cases with a finding shares a finding"):
+        BalancedBatchSampler(shared, n_classes=2, n_samples=2, steps=1)
     shuffled = ShuffledBatchSampler(5, batch_size=2, steps=5, seed=0)
     flat = [i for b in shuffled for i in b]
     assert all(len(b) == 2 for b in shuffled) and sorted(flat[:5]) == list(range(5))
@@ -202,6 +207,29 @@ def test_triplet_loss_is_zero_when_separated_or_without_a_valid_triplet():
     assert triplet_loss(x, labels, margin=0.2).item() == pytest.approx((1.4 + 1.8) / 2, abs=1e-5)
     with pytest.raises(ValueError):
         triplet_loss(x, labels, mining="hardest")
+    pos, neg = triplet_masks(labels)
+    assert pos.tolist() == [[False, True, False], [True, False, False], [False, False, False]]
+    assert neg.tolist() == [[False, False, True], [False, False, True], [True, True, False]]
+
+
+def test_triplet_training_warns_when_no_batch_of_an_epoch_held_a_triplet():
+    cfg = RetrievalTrainConfig(mode="triplet", grid=(8, 8, 8), channels=(4, 8), embedding_dim=8)
+    module = RetrievalLightning(EmbeddingNet(EmbeddingConfig(channels=(4, 8), embedding_dim=8)), cfg, ["A", "B"])
+    image = torch.rand(3, 1, 8, 8, 8)
+
+    def epoch(labels):
+        module.training_step({"image": image, "labels": labels}, 0)
+        module.training_step({"image": image, "labels": torch.tensor([[1, 0], [1, 0], [1, 1]])}, 1)  # all share A
+        module._val = [(torch.arange(3), torch.nn.functional.normalize(torch.rand(3, 8), dim=1),
+                        torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), None)]
+        module.on_validation_epoch_end()
+
+    with pytest.warns(UserWarning, match="none of its 2 triplet batches held a case with both a positive and a"):
+        epoch(torch.tensor([[1, 1], [0, 1], [1, 1]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning warns that self.log has no trainer here
+        warnings.filterwarnings("error", message=".*triplet batches")
+        epoch(torch.tensor([[1, 0], [1, 0], [0, 1]]))  # one batch of the epoch held triplets: no warning
 
 
 def test_soft_micro_f1_loss_matches_the_hand_computed_value():

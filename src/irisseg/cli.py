@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -1366,7 +1367,9 @@ def main(argv: list[str] | None = None) -> int:
       argv (list[str] | None): the arguments after ``irisseg`` (default: ``sys.argv[1:]``).
     """
     try:
-        result = app(args=argv, prog_name="irisseg", standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            result = app(args=argv, prog_name="irisseg", standalone_mode=False)
     except InputError as exc:
         _error_line(str(exc))
         return 2
@@ -1400,6 +1403,20 @@ def _path_problem(exc: OSError) -> str:
             if part.is_file():
                 return f"{part}: is a file, not a folder"
     return f"{path}: {(exc.strerror or type(exc).__name__).lower()}"
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _warning_printer(previous):
+    """A ``warnings.showwarning`` that prints irisseg's own warnings as ``irisseg: warning: <message>`` (one
+    line, no source line) and hands every other warning to ``previous``."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
+            print(f"irisseg: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+        else:
+            previous(message, category, filename, lineno, file, line)
+    return show
 
 
 def _error_line(message: str) -> None:

@@ -676,7 +676,7 @@ class TerritoryLoss:
 # share none; a case is never paired with itself. A case without any finding has no positive (it can only
 # be somebody's negative).
 
-__all__ += ["TRIPLET_MINING", "pairwise_squared_distances", "triplet_loss", "soft_micro_f1_loss"]
+__all__ += ["TRIPLET_MINING", "pairwise_squared_distances", "triplet_masks", "triplet_loss", "soft_micro_f1_loss"]
 
 #: Triplet mining strategies of :func:`triplet_loss`.
 TRIPLET_MINING = ("batch_hard", "semi_hard")
@@ -704,6 +704,23 @@ def pairwise_squared_distances(embeddings: torch.Tensor) -> torch.Tensor:
     sq = (e * e).sum(1)
     d = (sq[:, None] + sq[None, :] - 2.0 * (e @ e.T)).clamp_min(0.0)
     return d * (1.0 - torch.eye(e.shape[0], device=e.device, dtype=d.dtype))
+
+
+def triplet_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive and negative pairs of a multi-label batch, as :func:`triplet_loss` defines them.
+
+    Arguments:
+      labels (torch.Tensor): (B, L) binary (bool or 0/1) findings vectors.
+
+    Returns:
+      tuple[torch.Tensor, torch.Tensor]: bool (B, B) ``pos`` (the cases share at least one finding, never a
+      case with itself) and ``neg`` (they share none). A batch where no row has both is one in which the
+      triplet loss is 0 whatever the embeddings.
+    """
+    y = (labels != 0).float()
+    eye = torch.eye(y.shape[0], dtype=torch.bool, device=y.device)
+    shared = (y @ y.T) > 0
+    return shared & ~eye, ~shared & ~eye
 
 
 def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.2,
@@ -744,11 +761,8 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float =
         raise ValueError(f"margin must be >= 0, got {margin}")
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         d = pairwise_squared_distances(embeddings)
-        y = (labels != 0).float()
         b = d.shape[0]
-        eye = torch.eye(b, dtype=torch.bool, device=d.device)
-        shared = (y @ y.T) > 0
-        pos, neg = shared & ~eye, ~shared & ~eye
+        pos, neg = triplet_masks(labels)
         has_neg = neg.any(1)
         inf = torch.tensor(float("inf"), device=d.device)
         hardest_neg = torch.where(neg, d, inf).amin(1)  # (B,), inf without a negative

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -585,7 +586,9 @@ class BalancedBatchSampler(Sampler):
       steps (int): batches per epoch. seed (int): base seed.
 
     Raises:
-      InputError: fewer than ``n_classes`` findings carried by any case.
+      InputError: fewer than ``n_classes`` findings carried by any case, or no two drawable cases without
+        a finding in common (every batch would then hold no negative, and the triplet loss would be 0
+        throughout).
     """
 
     def __init__(self, labels, n_classes: int, n_samples: int, steps: int, seed: int = 0):
@@ -602,6 +605,11 @@ class BalancedBatchSampler(Sampler):
         if self.classes.size < self.n_classes:
             raise InputError(f"a balanced batch needs {self.n_classes} findings carried by training cases, found "
                              f"{self.classes.size} (lower n_classes_per_batch or add cases)")
+        drawn = y[y.any(1)].astype(np.float32)
+        if not ((drawn @ drawn.T) == 0).any():
+            raise InputError(f"every pair of the {len(drawn)} training cases with a finding shares a finding: a "
+                             "triplet needs a negative (a case without the anchor's findings); add such cases "
+                             "or use mode microf1")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -722,6 +730,7 @@ class RetrievalLightning(AnnealedModule):
         self.model, self.cfg, self.finding_names = model, cfg, list(finding_names)
         self.best_val = -math.inf
         self._train_losses: list[float] = []
+        self._no_triplet = 0  # training batches of this epoch without an anchor having a positive and a negative
         self._val: list[tuple[torch.Tensor, ...]] = []
         self.epoch_summary: dict | None = None
 
@@ -748,6 +757,11 @@ class RetrievalLightning(AnnealedModule):
         if self.cfg.map_weight > 0:
             loss = loss + self.cfg.map_weight * finding_map_loss(out["maps"], batch["map"])
         self._train_losses.append(float(loss.detach()))
+        if self.cfg.mode == "triplet":
+            from irisseg.losses import triplet_masks
+
+            pos, neg = triplet_masks(batch["labels"])
+            self._no_triplet += int(not (pos.any(1) & neg.any(1)).any())
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
@@ -773,7 +787,12 @@ class RetrievalLightning(AnnealedModule):
         summary = {"train_loss": float(np.mean(self._train_losses)) if self._train_losses else float("nan"),
                    "val_loss": float(self.loss(out, labels)),
                    **{f"val_{k}": float(v) for k, v in scores.items()}}
-        self._train_losses = []
+        if self._train_losses and self._no_triplet == len(self._train_losses):
+            warnings.warn(f"epoch {self.current_epoch}: none of its {self._no_triplet} triplet batches held a case "
+                          "with both a positive and a negative (cases sharing a finding / none), so the triplet "
+                          "loss was 0 and taught nothing; the cases share findings too widely for triplet "
+                          "training (use mode microf1, or add cases without each other's findings)", stacklevel=1)
+        self._train_losses, self._no_triplet = [], 0
         self.epoch_summary = summary
         for k, v in summary.items():
             if k.startswith("val_") and math.isfinite(v):
