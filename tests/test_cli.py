@@ -118,6 +118,8 @@ def _bad_inputs(tmp_path, pair):
     cases["unknown mode"] = (["synth", "--mode", "bogus", "--out", tmp_path / "s"], "--mode: unknown mode 'bogus'")
     cases["protocol outside lesion mode"] = (["synth", "--mode", "findings", "--protocol", "t1", "--out", tmp_path / "s"],
                                              "--protocol applies to --mode lesion only")
+    cases["channels outside territories mode"] = (["synth", "--mode", "multiclass", "--channels", "3", "--out",
+                                                   tmp_path / "s"], "--channels applies to --mode territories only")
     cases["unknown protocol"] = (["synth", "--mode", "lesion", "--protocol", "pd", "--out", tmp_path / "s"],
                                  "option protocol must be one of")
     cases["findings outside findings mode"] = (["synth", "--mode", "lesion", "--findings", "1-2", "--out", tmp_path / "s"],

@@ -176,7 +176,11 @@ def synth(
 
     if mode not in MODES:
         raise InputError(f"--mode: unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    options = {} if channels is None else {"channels": channels}
+    options = {}
+    if channels is not None:
+        if mode != "territories":
+            raise InputError(f"--channels applies to --mode territories only, not {mode!r}")
+        options["channels"] = channels
     if protocol is not None:
         if mode != "lesion":
             raise InputError(f"--protocol applies to --mode lesion only, not {mode!r}")
