@@ -201,6 +201,9 @@ def test_cli_index_search_evaluate_and_add(capsys, collection, tmp_path):
     assert len(doc["hits"]) == 5 and [h["rank"] for h in doc["hits"]] == [1, 2, 3, 4, 5]
     assert doc["hits"][0]["case_id"] == "case_0003" and doc["hits"][0]["score"] == pytest.approx(1, abs=1e-4)
     assert doc["hits"][0]["paths"] == [str(query.absolute())]
+    label = collection["first"] / "labelsTr" / "case_0003.nii.gz"
+    assert doc["hits"][0]["mask"] == str(label.absolute())
+    assert set(doc["hits"][0]) == {"rank", "case_id", "score", "findings", "paths", "mask"}  # as documented
     code, stdout, err = run_cli(capsys, "retrieval", "search", "--index", out, "--query", query, "-k", "3", "--json",
                                 "--exclude", "case_0003")
     assert code == 0, err

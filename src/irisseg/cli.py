@@ -1270,7 +1270,8 @@ def retrieval_search(
 
     The query may have any shape, spacing and orientation: it is resampled to the index's grid like the
     indexed cases. With --json: {"index", "query", "k", "kind", "n_cases", "hits": [{"rank", "case_id",
-    "score", "findings", "paths"}]}.
+    "score", "findings", "paths", "mask"}]} (paths: the case's image files, absolute, in channel order;
+    mask: its label map, absolute, or null when the index holds none).
     """
     from irisseg.io import read_volume
     from irisseg.retrieval import CaseIndex, query_model, search_cases
