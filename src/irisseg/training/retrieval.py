@@ -605,8 +605,10 @@ class BalancedBatchSampler(Sampler):
         if self.classes.size < self.n_classes:
             raise InputError(f"a balanced batch needs {self.n_classes} findings carried by training cases, found "
                              f"{self.classes.size} (lower n_classes_per_batch or add cases)")
-        drawn = y[y.any(1)].astype(np.float32)
-        if not ((drawn @ drawn.T) == 0).any():
+        from irisseg.losses import triplet_masks
+
+        drawn = torch.from_numpy(y[y.any(1)])
+        if not triplet_masks(drawn)[1].any():
             raise InputError(f"every pair of the {len(drawn)} training cases with a finding shares a finding: a "
                              "triplet needs a negative (a case without the anchor's findings); add such cases "
                              "or use mode microf1")
