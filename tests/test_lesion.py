@@ -97,6 +97,15 @@ def test_normalisation_is_per_channel_over_the_body():
     assert out.shape == (2, 12, 12, 12) and out.dtype == np.float32
     for c in out:
         assert abs(c[body].mean()) < 0.05 and abs(c[body].std() - 1) < 0.1
+    # a small bright lesion (0.2% of the body): the default (z-score only, nnU-Net's MRI scheme) keeps it
+    # apart from the rest of the body, clip_zscore flattens it to the body's 99.5th percentile
+    a[5, 5, 5] = 400.0
+    clipped, kept = normalize_channels([a], body, "clip_zscore")[0], normalize_channels([a], body)[0]
+    assert clipped[5, 5, 5] == pytest.approx(clipped[body].max()) and np.sum(clipped[body] >= clipped[5, 5, 5]) > 1
+    assert np.sum(kept[body] >= kept[5, 5, 5]) == 1 and kept[5, 5, 5] > 10
+    assert abs(kept[body].mean()) < 1e-4 and abs(kept[body].std() - 1) < 1e-3
+    with pytest.raises(InputError, match="normalization must be one of clip_zscore, zscore"):
+        normalize_channels([a], body, "minmax")
 
 
 def test_case_metrics_count_lesions():
@@ -295,6 +304,8 @@ def test_lesion_config_rejects_bad_norm_and_jitter():
     # positive draws are component-balanced unless the config asks for volume-proportional ones
     assert LesionTrainConfig().patch_config().component_balanced is True
     assert LesionTrainConfig(component_balanced=False).patch_config().component_balanced is False
+    with pytest.raises(InputError, match="normalization"):
+        LesionTrainConfig(normalization="minmax")
 
 
 def oblique_case(seed: int) -> tuple[Volume, Volume]:
@@ -564,3 +575,25 @@ def test_prediction_does_not_depend_on_how_the_file_stores_its_axes(trained):
     np.testing.assert_allclose(moved.array, stored(plain).array, atol=1e-6)
     predictor.reorient = False  # as a model trained before the option existed: the grid as stored
     assert not np.allclose(predictor.predict_probabilities([stored(image)]).array, stored(plain).array, atol=1e-3)
+
+
+def test_the_normalization_a_model_was_trained_with_is_the_one_it_predicts_with(tmp_path, trained):
+    """The stored ``normalization`` reaches prediction; a model from before the option (a description of
+    clip-and-z-score stored there) keeps clipping."""
+    import shutil
+
+    image, _ = oblique_case(7)
+    image = image.with_array(np.where(image.array > 0.5, 3.0, image.array).astype(np.float32))  # far above p99.5
+    config = json.loads((trained / "best" / "config.json").read_text())
+    assert config["extra"]["lesion"]["normalization"] == "zscore"  # the default
+    probs = {}
+    for name, stored_value in (("old", "per-channel clip 0.5-99.5 pct + z-score over the body (non-zero voxels)"),
+                               ("clip", "clip_zscore")):
+        folder = shutil.copytree(trained / "best", tmp_path / name)
+        config["extra"]["lesion"]["normalization"] = stored_value
+        (folder / "config.json").write_text(json.dumps(config))
+        predictor = LesionPredictor(folder)
+        assert predictor.normalization == "clip_zscore"
+        probs[name] = predictor.predict_probabilities([image]).array
+    np.testing.assert_allclose(probs["old"], probs["clip"], atol=1e-6)
+    assert not np.allclose(LesionPredictor(trained).predict_probabilities([image]).array, probs["clip"], atol=1e-3)

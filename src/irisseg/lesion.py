@@ -30,8 +30,9 @@ from irisseg.io import Volume, check_same_geometry
 from irisseg.models.blocks import autocast_for
 from irisseg.preprocess import canonical_arrays, clip_percentiles, zscore
 
-__all__ = ["LesionPredictor", "body_mask", "check_channels", "normalize_channels", "sliding_window_logits",
-           "case_metrics", "evaluate_dataset", "summary_rows", "metric_summary", "resolve_lesion_model_dir", "METRIC_KEYS"]
+__all__ = ["NORMALIZATIONS", "LesionPredictor", "body_mask", "check_channels", "normalize_channels",
+           "sliding_window_logits", "case_metrics", "evaluate_dataset", "summary_rows", "metric_summary",
+           "resolve_lesion_model_dir", "METRIC_KEYS"]
 
 #: The per-case metrics of a lesion evaluation, in report order.
 METRIC_KEYS = ("dice", "iou", "lesion_recall", "lesion_precision", "lesion_f1", "hd95")
@@ -55,20 +56,33 @@ def body_mask(channels: Sequence[np.ndarray]) -> np.ndarray:
     return body if body.mean() >= 0.01 else np.ones(body.shape, bool)
 
 
-def normalize_channels(channels: Sequence[np.ndarray], body: np.ndarray | None = None) -> np.ndarray:
-    """Per-channel intensity normalisation used by the lesion pipeline in training and inference.
+#: Intensity normalisations of :func:`normalize_channels`: ``clip_zscore`` (clip to the 0.5-99.5
+#: percentiles, then z-score, both over the body: nnU-Net's CT scheme) and ``zscore`` (z-score over the body
+#: only: nnU-Net's scheme for MRI, which keeps the brightest voxels, e.g. hyperintense lesions, apart).
+NORMALIZATIONS = ("clip_zscore", "zscore")
 
-    Each channel is clipped to its 0.5-99.5 percentiles and z-scored, both over the body voxels.
+
+def normalize_channels(channels: Sequence[np.ndarray], body: np.ndarray | None = None,
+                       normalization: str = "zscore") -> np.ndarray:
+    """Per-channel intensity normalisation used by the lesion pipeline in training and inference.
 
     Arguments:
       channels (Sequence[np.ndarray]): C arrays (D, H, W) of raw intensities (any units).
       body (np.ndarray | None): bool (D, H, W) body mask; default :func:`body_mask` of the channels.
+      normalization (str): one of :data:`NORMALIZATIONS`: ``zscore`` z-scores each channel over the body;
+        ``clip_zscore`` first clips it to its 0.5-99.5 percentiles over the body (lesion models trained
+        before the choice existed, and the territory models).
 
     Returns:
       np.ndarray: float32 (C, D, H, W).
     """
+    if normalization not in NORMALIZATIONS:
+        raise InputError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
     body = body_mask(channels) if body is None else body
-    return np.stack([zscore(clip_percentiles(np.asarray(c, np.float32), mask=body), mask=body) for c in channels])
+    arrays = [np.asarray(c, np.float32) for c in channels]
+    if normalization == "clip_zscore":
+        arrays = [clip_percentiles(a, mask=body) for a in arrays]
+    return np.stack([zscore(a, mask=body) for a in arrays])
 
 
 def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, patch: Sequence[int], overlap: float = 0.5,
@@ -203,6 +217,8 @@ class LesionPredictor:
         self.sw_batch_size = int(sw_batch_size)
         self.tta = bool(tta)
         self.reorient = bool(info.get("reorient", False))  # models trained before it existed: voxel grid as stored
+        # models trained before the choice existed stored a description of clip_zscore here
+        self.normalization = info["normalization"] if info.get("normalization") in NORMALIZATIONS else "clip_zscore"
         self.seconds = 0.0
 
     def predict_probabilities(self, channels: Sequence[Volume], names: Sequence[str] | None = None) -> Volume:
@@ -223,7 +239,7 @@ class LesionPredictor:
         from irisseg.incontext import MIRROR_AXES
 
         arrays, back = canonical_arrays(channels, self.reorient)  # as in training
-        image = torch.from_numpy(normalize_channels(arrays))[None]
+        image = torch.from_numpy(normalize_channels(arrays, normalization=self.normalization))[None]
         prob = torch.zeros(image.shape[2:])
         passes = MIRROR_AXES if self.tta else ((),)
         for axes in passes:

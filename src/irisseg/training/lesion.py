@@ -29,6 +29,7 @@ from irisseg.errors import InputError
 from irisseg.io import Volume, write_csv
 from irisseg.lesion import (
     METRIC_KEYS,
+    NORMALIZATIONS,
     body_mask,
     case_metrics,
     metric_summary,
@@ -87,6 +88,10 @@ class LesionTrainConfig(YamlConfig):
       num_workers: DataLoader workers drawing patches; num_threads: torch threads (None: default); seed.
       reorient: relabel every case's array axes towards the identity direction before training (no
         interpolation; :func:`prepare_case`); stored in the model, whose predictions then do the same.
+      normalization: intensity normalisation of every channel, ``zscore`` over the body (nnU-Net's MRI
+        scheme) or ``clip_zscore`` (first clipped to the 0.5-99.5 percentiles, which flattens the brightest
+        lesion voxels; :func:`irisseg.lesion.normalize_channels`); stored in the model, whose predictions
+        then do the same.
       compile: compile the network's training steps with ``torch.compile``
         (:meth:`~irisseg.training.engine.AnnealedModule.train_forward`; falls back to the plain network
         with a warning where compiling is not possible).
@@ -123,6 +128,7 @@ class LesionTrainConfig(YamlConfig):
     seed: int = 0
     compile: bool = False
     reorient: bool = True
+    normalization: str = "zscore"
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -143,6 +149,8 @@ class LesionTrainConfig(YamlConfig):
             raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise InputError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.normalization not in NORMALIZATIONS:
+            raise InputError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
         self.augmentation = dict(self.augmentation or {})
         self.patch_config()  # invalid sampling settings (positive_fraction, centre_jitter) fail here
         self.augment_config()  # unknown or invalid augmentation keys fail here, before any training
@@ -193,7 +201,7 @@ class PreparedCase:
         return self.geometry.spacing_zyx
 
 
-def prepare_case(case, reorient: bool = True) -> PreparedCase:
+def prepare_case(case, reorient: bool = True, normalization: str = "zscore") -> PreparedCase:
     """Read and normalise one labelled :class:`~irisseg.data.datasets.Case`.
 
     Arguments:
@@ -201,6 +209,7 @@ def prepare_case(case, reorient: bool = True) -> PreparedCase:
       reorient (bool): relabel the array axes towards the identity direction
         (:func:`irisseg.preprocess.canonical_axes`; no interpolation), as prediction then does, so cases
         stored with other axis orders reach the network alike.
+      normalization (str): ``clip_zscore`` or ``zscore`` (:func:`irisseg.lesion.normalize_channels`).
 
     Raises:
       InputError: unreadable files, channels or label of different geometry, NaN intensities (naming the file).
@@ -214,7 +223,8 @@ def prepare_case(case, reorient: bool = True) -> PreparedCase:
     channels, label = reorient_case(channels, label, reorient)
     arrays = [v.array for v in channels]
     body = body_mask(arrays)
-    return PreparedCase(case.case_id, normalize_channels(arrays, body), (label.array != 0).astype(np.uint8), body,
+    image = normalize_channels(arrays, body, normalization)
+    return PreparedCase(case.case_id, image, (label.array != 0).astype(np.uint8), body,
                         channels[0])
 
 
@@ -289,8 +299,7 @@ class LesionLightning(AnnealedModule):
 
 def _model_extra(cfg: LesionTrainConfig, info: dict) -> dict:
     return {"lesion": {"patch": [cfg.patch] * 3, "overlap": cfg.overlap, "threshold": cfg.threshold,
-                       "reorient": cfg.reorient,
-                       "normalization": "per-channel clip 0.5-99.5 pct + z-score over the body (non-zero voxels)",
+                       "reorient": cfg.reorient, "normalization": cfg.normalization,
                        **info},
             "train": cfg.to_dict()}
 
@@ -356,8 +365,8 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
     dataset = load_dataset(data)
     splits = _splits(dataset, cfg, out, resume)
     by_id = {c.case_id: c for c in dataset.cases}
-    train_cases = [prepare_case(by_id[i], cfg.reorient) for i in splits["train"]]
-    val_cases = [prepare_case(by_id[i], cfg.reorient) for i in splits["val"]]
+    train_cases = [prepare_case(by_id[i], cfg.reorient, cfg.normalization) for i in splits["train"]]
+    val_cases = [prepare_case(by_id[i], cfg.reorient, cfg.normalization) for i in splits["val"]]
     n_channels = train_cases[0].image.shape[0]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = ResidualUNet(UNetConfig(in_channels=n_channels, out_channels=1, channels=cfg.channels,

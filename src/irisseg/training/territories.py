@@ -71,7 +71,9 @@ METRICS_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_dice_1", "val
 #: Columns of ``RUN/validation.csv`` (one row per validation case, best model).
 VALIDATION_COLUMNS = ("config", "fold", "case", "dice_1", "dice_2")
 
-_NORMALIZATION = "per-channel clip 0.5-99.5 pct + z-score over the body (irisseg.lesion.normalize_channels)"
+#: Intensity normalisation of every channel (:func:`irisseg.lesion.normalize_channels`: clip to the 0.5-99.5
+#: percentiles, then z-score, over the body), in training and prediction; stored in the model.
+_NORMALIZATION = "clip_zscore"
 
 
 @dataclass
@@ -254,7 +256,7 @@ def prepare_territory_case(case, label_sets: Sequence[Sequence[int]], reorient: 
         raise InputError(f"{case.label_path}: empty label map: no voxel of either territory (label ids "
                          f"{', '.join(str(list(s)) for s in label_sets)})")
     arrays = [v.array for v in channels]
-    image = normalize_channels(arrays, body_mask(arrays))
+    image = normalize_channels(arrays, body_mask(arrays), _NORMALIZATION)
     return PreparedTerritoryCase(case.case_id, image, target, channels[0])
 
 
@@ -687,7 +689,7 @@ class TerritoryPredictor:
         check_channels(channels, self.in_channels, names)
         t0 = time.perf_counter()
         arrays, back = canonical_arrays(channels, self.reorient)  # as in training
-        image = normalize_channels(arrays)
+        image = normalize_channels(arrays, normalization=_NORMALIZATION)
         logits = predict_logits(self.model, image, self.spatial_dims, self.patch, self.overlap, self.slice_batch,
                                 self.device)
         prob = back(torch.sigmoid(logits).numpy().astype(np.float32))
