@@ -87,9 +87,9 @@ def test_metrics_warns_when_the_files_share_no_label_value(capsys, pair, tmp_pat
     report = json.loads((tmp_path / "s.json").read_text())
     assert report["labels"]["1"]["dice"] == 0.0 and report["labels"]["255"]["dice"] == 0.0
     assert "share no label value" in report["warning"] and "[255]" in report["warning"] and "[1]" in report["warning"]
-    assert "warning: the files share no label value" in " ".join(out.split())
-    code, out, _ = run_cli(capsys, "metrics", "--pred", ref, "--ref", ref, "--json", tmp_path / "same.json")
-    assert code == 0 and "warning" not in out and "warning" not in json.loads((tmp_path / "same.json").read_text())
+    assert err.startswith("irisseg: warning: the files share no label value") and err.count("\n") == 1, err
+    code, out, err = run_cli(capsys, "metrics", "--pred", ref, "--ref", ref, "--json", tmp_path / "same.json")
+    assert code == 0 and "warning" not in out + err and "warning" not in json.loads((tmp_path / "same.json").read_text())
 
 
 def _bad_inputs(tmp_path, pair):

@@ -293,7 +293,7 @@ def metrics(
     report = compare_files(pred, ref, tolerance_mm=tolerance_mm, labels=label_list, lesion_wise=lesion)
     print_metrics_table(report)
     if "warning" in report:
-        console.print(f"[yellow]warning:[/yellow] {report['warning']}")
+        _warning_line(report["warning"])
     if json_out is not None:
         _write_json(json_out, report)
         console.print(f"wrote {json_out}")
@@ -1418,10 +1418,15 @@ def _warning_printer(previous):
     line, no source line) and hands every other warning to ``previous``."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
-            print(f"irisseg: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+            _warning_line(str(message), file)
         else:
             previous(message, category, filename, lineno, file, line)
     return show
+
+
+def _warning_line(message: str, file=None) -> None:
+    """Print ``irisseg: warning: <message>`` on one line of stderr (or ``file``)."""
+    print(f"irisseg: warning: {' '.join(message.split())}", file=sys.stderr if file is None else file)
 
 
 def _error_line(message: str) -> None:
