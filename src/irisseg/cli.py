@@ -232,7 +232,10 @@ def compare_files(pred: Path, ref: Path, tolerance_mm: float = 1.0, labels: list
 
     ref_vol = read_mask(ref, allow_empty=True)
     pred_vol = read_mask(pred, reference=ref_vol, reference_name=ref, allow_empty=True)
-    per_label = evaluate(pred_vol.array, ref_vol.array, spacing=ref_vol.spacing_zyx, labels=labels,
+    pred_values = {int(v) for v in np.unique(pred_vol.array)} - {0}  # read_mask: integer label maps
+    ref_values = {int(v) for v in np.unique(ref_vol.array)} - {0}
+    per_label = evaluate(pred_vol.array, ref_vol.array, spacing=ref_vol.spacing_zyx,
+                         labels=sorted(pred_values | ref_values) if labels is None else labels,
                          tolerance_mm=tolerance_mm, lesion_wise=lesion_wise)
     report = {
         "pred": str(pred),
@@ -241,8 +244,6 @@ def compare_files(pred: Path, ref: Path, tolerance_mm: float = 1.0, labels: list
         "tolerance_mm": tolerance_mm,
         "labels": {str(k): v for k, v in per_label.items()},
     }
-    pred_values = {int(v) for v in np.unique(pred_vol.array)} - {0}
-    ref_values = {int(v) for v in np.unique(ref_vol.array)} - {0}
     if pred_values and ref_values and not pred_values & ref_values:
         report["warning"] = (f"the files share no label value ({pred} has {sorted(pred_values)}, {ref} has "
                              f"{sorted(ref_values)}); labels are compared value by value")
@@ -1410,14 +1411,14 @@ def _path_problem(exc: OSError) -> str:
     return f"{path}: {(exc.strerror or type(exc).__name__).lower()}"
 
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def _warning_printer(previous):
     """A ``warnings.showwarning`` that prints irisseg's own warnings as ``irisseg: warning: <message>`` (one
     line, no source line) and hands every other warning to ``previous``."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
+        if Path(filename).resolve().is_relative_to(_PACKAGE_DIR):
             _warning_line(str(message), file)
         else:
             previous(message, category, filename, lineno, file, line)
