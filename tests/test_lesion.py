@@ -34,6 +34,7 @@ from irisseg.training.lesion import (
     METRICS_COLUMNS,
     LesionLightning,
     LesionTrainConfig,
+    prepare_case,
     read_metrics_csv,
     train_lesion,
     tta_validation,
@@ -597,3 +598,65 @@ def test_the_normalization_a_model_was_trained_with_is_the_one_it_predicts_with(
         probs[name] = predictor.predict_probabilities([image]).array
     np.testing.assert_allclose(probs["old"], probs["clip"], atol=1e-6)
     assert not np.allclose(LesionPredictor(trained).predict_probabilities([image]).array, probs["clip"], atol=1e-3)
+
+
+def test_lesion_config_target_spacing_values_and_yaml_round_trip():
+    assert LesionTrainConfig().target_spacing is None  # the default: each case's own voxel grid
+    assert LesionTrainConfig(target_spacing="median").target_spacing == "median"
+    assert LesionTrainConfig(target_spacing=[1, 1, 2.5]).target_spacing == (1.0, 1.0, 2.5)
+    for bad in ("mean", [1, 2], [1, 0, 1], [1, float("nan"), 1], 3):
+        with pytest.raises(InputError, match="target_spacing"):
+            LesionTrainConfig(target_spacing=bad)
+    cfg = LesionTrainConfig(channels=[4, 8], blocks_per_level=[1, 2], target_spacing=[0.9, 0.9, 3])
+    assert LesionTrainConfig(**yaml.safe_load(yaml.safe_dump(cfg.to_yaml_dict()))) == cfg  # tuples dump as lists
+
+
+def test_prepare_case_resamples_the_image_and_the_lesion_mask_to_the_target_spacing(dataset):
+    from irisseg.data.datasets import load_dataset
+
+    case = load_dataset(dataset).cases[0]
+    native = prepare_case(case)
+    fine = prepare_case(case, spacing=tuple(s / 2 for s in native.geometry.spacing))
+    assert fine.image.shape[1:] == tuple(2 * n for n in native.image.shape[1:])
+    assert fine.label.shape == fine.body.shape == fine.image.shape[1:] == fine.geometry.shape
+    assert fine.label.dtype == np.uint8 and set(np.unique(fine.label)) <= {0, 1}
+    volume_mm3 = [c.label.sum() * np.prod(c.geometry.spacing) for c in (native, fine)]
+    assert volume_mm3[1] == pytest.approx(volume_mm3[0], rel=0.25)  # the lesions keep their size in mm^3
+    assert abs(fine.image[0][fine.body].mean()) < 1e-3  # normalised on the model grid
+
+
+def test_target_spacing_median_trains_on_one_voxel_size_and_predicts_on_the_input_grid(capsys, tmp_path, dataset):
+    from irisseg.preprocess import canonical_axes, reorient
+
+    config = tmp_path / "median.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "epochs": 1, "target_spacing": "median"}))
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "lesion", "train", "--data", dataset, "--out", run, "--config", config,
+                           "--device", "cpu")
+    assert code == 0, err
+    # nnU-Net's target spacing: per axis, the median over the training cases, on the reoriented axes
+    spacings = []
+    for case in json.loads((run / "splits.json").read_text())["train"]:
+        volume = read_volume(dataset / "imagesTr" / f"{case}_0000.nii.gz")
+        spacings.append(reorient(volume, *canonical_axes(volume.direction)).spacing)
+    assert len({tuple(s) for s in spacings}) > 1  # the synthetic cases differ in voxel size
+    stored = json.loads((run / "best" / "config.json").read_text())["extra"]["lesion"]["target_spacing"]
+    np.testing.assert_allclose(stored, np.median(spacings, axis=0), rtol=1e-6)
+    assert yaml.safe_load((run / "train_config.yaml").read_text())["target_spacing"] == "median"
+    assert np.isfinite(read_metrics_csv(run / "metrics.csv")[-1]["val_dice"])
+
+    predictor = LesionPredictor(run)
+    assert predictor.target_spacing == pytest.approx(tuple(stored))
+    image, _ = oblique_case(5)
+    probs = predictor.predict_probabilities([image])
+    assert same_geometry(probs, image, tol=1e-9) and probs.array.dtype == np.float32
+    assert 0.0 <= probs.array.min() and probs.array.max() <= 1.0
+    predictor.target_spacing = None  # the same network on the input's own grid sees other voxels
+    assert not np.allclose(predictor.predict_probabilities([image]).array, probs.array, atol=1e-3)
+    img_path = write_volume(image, tmp_path / "in" / "odd_0000.nii.gz")
+    code, _, err = run_cli(capsys, "lesion", "predict", "--model", run, "--input", img_path,
+                           "--out", tmp_path / "pred.nii.gz")
+    assert code == 0, err
+    pred = read_volume(tmp_path / "pred.nii.gz")
+    assert same_geometry(pred, image, tol=1e-4)
+    np.testing.assert_array_equal(pred.array, LesionPredictor(run).predict([image]).array)

@@ -1,8 +1,10 @@
 """Supervised lesion segmentation, inference side: intensity preparation, whole-volume sliding-window
 prediction and per-case evaluation (``irisseg lesion predict`` / ``irisseg lesion evaluate``).
 
-The model (:class:`~irisseg.models.unet.ResidualUNet`) works on the volume's own voxel grid: there is no
-resampling, so a prediction has exactly the input's shape, spacing, origin and direction by construction.
+The model (:class:`~irisseg.models.unet.ResidualUNet`) works on the volume's own voxel grid by default: there
+is no resampling, so a prediction has exactly the input's shape, spacing, origin and direction by construction.
+A model trained with a ``target_spacing`` sees every input resampled to that voxel size (linearly) and its
+probabilities are resampled linearly back onto the input's grid before thresholding.
 Models trained with ``reorient`` (the default) see the array axes relabelled towards the identity
 direction (:func:`irisseg.preprocess.canonical_axes`, no interpolation), and the prediction is relabelled
 back, so a scan stored with another axis order is segmented the same way.
@@ -193,7 +195,9 @@ class LesionPredictor:
 
     Attributes:
       in_channels (int): image channels the model expects, in dataset channel order.
-      patch (tuple[int, int, int]): sliding-window size (the training patch).
+      patch (tuple[int, int, int]): sliding-window size (the training patch), voxels of the model grid.
+      target_spacing (tuple[float, float, float] | None): the voxel size (mm, x, y, z) inputs are resampled to
+        before the network sees them (the training ``target_spacing``), or None: the input's own grid.
       seconds (float): wall time of the last prediction.
     """
 
@@ -219,6 +223,8 @@ class LesionPredictor:
         self.reorient = bool(info.get("reorient", False))  # models trained before it existed: voxel grid as stored
         # models trained before the choice existed stored a description of clip_zscore here
         self.normalization = info["normalization"] if info.get("normalization") in NORMALIZATIONS else "clip_zscore"
+        spacing = info.get("target_spacing")  # mm (x, y, z), or None: the input's own voxel grid
+        self.target_spacing = tuple(float(v) for v in spacing) if spacing else None
         self.seconds = 0.0
 
     def predict_probabilities(self, channels: Sequence[Volume], names: Sequence[str] | None = None) -> Volume:
@@ -238,7 +244,7 @@ class LesionPredictor:
         t0 = time.perf_counter()
         from irisseg.incontext import MIRROR_AXES
 
-        arrays, back = canonical_arrays(channels, self.reorient)  # as in training
+        arrays, back = canonical_arrays(channels, self.reorient, self.target_spacing)  # as in training
         image = torch.from_numpy(normalize_channels(arrays, normalization=self.normalization))[None]
         prob = torch.zeros(image.shape[2:])
         passes = MIRROR_AXES if self.tta else ((),)
@@ -248,7 +254,7 @@ class LesionPredictor:
                                            self.device)[0, 0]
             prob += torch.sigmoid(logits.flip(axes) if axes else logits)
         prob = (prob / len(passes)).numpy().astype(np.float32)
-        prob = back(prob)  # to the input's own axes
+        prob = np.clip(back(prob), 0.0, 1.0)  # to the input's own grid (linear where resampled)
         self.seconds = time.perf_counter() - t0
         return channels[0].with_array(prob)
 

@@ -40,6 +40,7 @@ __all__ = [
     "CT_WINDOWS",
     "canonical_axes",
     "canonical_arrays",
+    "model_grid_record",
     "inverse_axes",
     "reorient_case",
     "reorient",
@@ -244,31 +245,51 @@ def reorient(volume: Volume, order: Sequence[int], flips: Sequence[bool]) -> Vol
     return Volume(np.ascontiguousarray(array), grid.spacing, grid.origin, grid.direction)
 
 
-def _axes_record(reference: Volume, enabled: bool) -> GridRecord:
-    """The :class:`GridRecord` of the reorient step alone (empty when not ``enabled`` or not needed)."""
-    return Preprocessor(PreprocessConfig(reorient=enabled)).plan(reference)
+def model_grid_record(reference: Volume, reorient: bool = True,
+                      spacing: Sequence[float] | None = None) -> GridRecord:
+    """The :class:`GridRecord` from ``reference``'s grid to a model's voxel grid: the axes relabelled towards
+    the identity direction (:func:`canonical_axes`, no interpolation; when ``reorient`` and needed), then
+    resampled to ``spacing`` (when given and not already the grid's spacing within 0.1%).
+
+    Arguments:
+      reference (Volume): the input grid, (D, H, W) with spacing, origin and direction (its array is not read).
+      reorient (bool): relabel the axes.
+      spacing (Sequence[float] | None): target voxel size in mm, (x, y, z) order of the reoriented grid;
+        None: keep the voxel grid.
+
+    Returns:
+      GridRecord: ``apply`` sends volumes of that geometry to the model grid, ``invert`` brings arrays back.
+    """
+    record = Preprocessor(PreprocessConfig(reorient=reorient)).plan(reference)
+    if spacing is not None and not np.allclose(record.model_geometry()["spacing"], spacing, rtol=1e-3, atol=0):
+        grid = GridRecord._grid(record.model_geometry())
+        record.steps.append({"op": "resample", "before": grid.geometry(),
+                             "after": _resampled_grid(grid, spacing=spacing).geometry()})
+    return record
 
 
 def reorient_case(channels: Sequence[Volume], label: Volume, enabled: bool = True) -> tuple[list[Volume], Volume]:
     """A training case's channels and label map (one geometry) with their axes relabelled towards the
     identity direction (:func:`canonical_axes` of the first channel; unchanged when not ``enabled``)."""
-    record = _axes_record(channels[0], enabled)
+    record = model_grid_record(channels[0], enabled)
     return [record.apply(v, kind="image") for v in channels], record.apply(label)
 
 
-def canonical_arrays(channels: Sequence[Volume], enabled: bool = True):
-    """The channels' arrays with their axes relabelled towards the identity direction (:func:`canonical_axes`
-    of the first channel), and the function that takes an array on that grid back to the channels' own axes.
+def canonical_arrays(channels: Sequence[Volume], enabled: bool = True, spacing: Sequence[float] | None = None):
+    """The channels' arrays on the model grid (:func:`model_grid_record` of the first channel: axes relabelled
+    towards the identity direction, then resampled to ``spacing`` if given, linearly), and the function that
+    takes an array on that grid back to the channels' own grid.
 
     Arguments:
       channels (Sequence[Volume]): (D, H, W) volumes of one geometry.
-      enabled (bool): False: the arrays as stored, and the identity.
+      enabled (bool): relabel the axes (False: as stored).
+      spacing (Sequence[float] | None): target voxel size in mm (x, y, z); None: no resampling.
 
     Returns:
       (arrays, back): ``arrays`` a list of (D', H', W') arrays; ``back(a)`` for ``a`` of shape (..., D', H', W')
-      returns (..., D, H, W) on the first channel's own grid.
+      returns (..., D, H, W) on the first channel's own grid (linear interpolation where it was resampled).
     """
-    record = _axes_record(channels[0], enabled)
+    record = model_grid_record(channels[0], enabled, spacing)
     shape = tuple(record.model_geometry()["shape"])
 
     def back(array: np.ndarray) -> np.ndarray:

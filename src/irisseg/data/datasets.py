@@ -130,6 +130,15 @@ class Case:
             check_same_geometry(first, volume, self.image_paths[0], path)
         return volumes
 
+    def image_geometry(self) -> Volume:
+        """The geometry of the image (its first file's header; no voxel is read): a Volume whose array is a
+        zero-strided dummy of the image's shape (D, H, W), with spacing and origin in mm (x, y, z) and direction.
+
+        Raises:
+          InputError: the file is missing, unreadable or not at least 3D.
+        """
+        return _header_geometry(self.image_paths[0])
+
     def load_label(self, reference: Volume | None = None) -> Volume:
         """Read the label map and check it against the image and the dataset's declared labels.
 
@@ -149,7 +158,7 @@ class Case:
         if self.label_path is None:
             raise InputError(f"case {self.case_id}: no label file ({self.image_paths[0]} is a test image)")
         if reference is None:
-            reference = _header_geometry(self.image_paths[0])
+            reference = self.image_geometry()
         label = read_mask(
             self.label_path, reference=reference, reference_name=self.image_paths[0], allow_empty=True
         )

@@ -67,6 +67,10 @@ class YamlConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_yaml_dict(self) -> dict:
+        """The settings as plain YAML-ready values (tuples as lists), for ``train_config.yaml``."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.to_dict().items()}
+
 
 class ListDataset(Dataset):
     """A map-style dataset over a list that is already in memory (validation episodes, prepared cases)."""

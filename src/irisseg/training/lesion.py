@@ -8,8 +8,10 @@ precision and F1, HD95. Early stopping on validation Dice; ``RUN/best`` and ``RU
 (``config.json`` + ``model.safetensors``); ``RUN/metrics.csv`` holds one row per epoch; ``--resume``
 continues from ``RUN/checkpoints/last.ckpt``.
 
-Volumes stay on their own voxel grid (no resampling), their array axes relabelled towards the identity
-direction (``reorient``, no interpolation); lesion = every non-zero label of the label map.
+By default volumes stay on their own voxel grid (no resampling), their array axes relabelled towards the
+identity direction (``reorient``, no interpolation); with ``target_spacing`` (a spacing, or ``median``:
+nnU-Net's choice, the per-axis median over the training cases) every case is resampled to one voxel size
+first, and predictions are resampled back. Lesion = every non-zero label of the label map.
 All cases are read once and kept in memory as float32 (a 64^3 single-channel case is 1 MB).
 """
 
@@ -92,6 +94,13 @@ class LesionTrainConfig(YamlConfig):
         scheme) or ``clip_zscore`` (first clipped to the 0.5-99.5 percentiles, which flattens the brightest
         lesion voxels; :func:`irisseg.lesion.normalize_channels`); stored in the model, whose predictions
         then do the same.
+      target_spacing: None (default: train and predict on each case's own voxel grid), ``median`` (the
+        per-axis median spacing of the training cases after reorientation, as nnU-Net's target spacing) or
+        ``[x, y, z]`` in mm: every case is resampled to that voxel size (images linearly, lesion masks
+        linearly then thresholded at 0.5) before normalisation; the resolved spacing is stored in the model,
+        whose predictions are resampled to it and their probabilities linearly back to the input's grid.
+        Worth it when cases differ in voxel size (ISLES-like data); patches and windows are then that many
+        voxels of that spacing.
       compile: compile the network's training steps with ``torch.compile``
         (:meth:`~irisseg.training.engine.AnnealedModule.train_forward`; falls back to the plain network
         with a warning where compiling is not possible).
@@ -129,6 +138,7 @@ class LesionTrainConfig(YamlConfig):
     compile: bool = False
     reorient: bool = True
     normalization: str = "zscore"
+    target_spacing: str | tuple[float, float, float] | None = None
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -151,6 +161,16 @@ class LesionTrainConfig(YamlConfig):
             raise InputError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.normalization not in NORMALIZATIONS:
             raise InputError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
+        if self.target_spacing is not None and self.target_spacing != "median":
+            values = self.target_spacing
+            try:
+                values = tuple(float(v) for v in values)
+            except (TypeError, ValueError):
+                values = ()
+            if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+                raise InputError(f"target_spacing must be null, 'median' or 3 positive numbers [x, y, z] in mm, "
+                                 f"got {self.target_spacing!r}")
+            self.target_spacing = values
         self.augmentation = dict(self.augmentation or {})
         self.patch_config()  # invalid sampling settings (positive_fraction, centre_jitter) fail here
         self.augment_config()  # unknown or invalid augmentation keys fail here, before any training
@@ -201,7 +221,8 @@ class PreparedCase:
         return self.geometry.spacing_zyx
 
 
-def prepare_case(case, reorient: bool = True, normalization: str = "zscore") -> PreparedCase:
+def prepare_case(case, reorient: bool = True, normalization: str = "zscore",
+                 spacing: tuple[float, float, float] | None = None) -> PreparedCase:
     """Read and normalise one labelled :class:`~irisseg.data.datasets.Case`.
 
     Arguments:
@@ -210,22 +231,35 @@ def prepare_case(case, reorient: bool = True, normalization: str = "zscore") -> 
         (:func:`irisseg.preprocess.canonical_axes`; no interpolation), as prediction then does, so cases
         stored with other axis orders reach the network alike.
       normalization (str): ``clip_zscore`` or ``zscore`` (:func:`irisseg.lesion.normalize_channels`).
+      spacing (tuple | None): resample to this voxel size, mm (x, y, z) (images linearly; the lesion mask
+        linearly, then thresholded at 0.5), as prediction then does (:func:`irisseg.preprocess.model_grid_record`).
 
     Raises:
       InputError: unreadable files, channels or label of different geometry, NaN intensities (naming the file).
     """
-    from irisseg.preprocess import reorient_case
+    from irisseg.preprocess import model_grid_record
 
     channels, label = case.load()
     for path, volume in zip(case.image_paths, channels, strict=False):
         if not np.isfinite(volume.array).all():
             raise InputError(f"{path}: image holds NaN or infinite intensities")
-    channels, label = reorient_case(channels, label, reorient)
+    record = model_grid_record(channels[0], reorient, spacing)
+    channels = [record.apply(v, kind="image") for v in channels]
+    lesion = record.apply(label.with_array((label.array != 0).astype(np.float32)), kind="linear").array >= 0.5
     arrays = [v.array for v in channels]
     body = body_mask(arrays)
     image = normalize_channels(arrays, body, normalization)
-    return PreparedCase(case.case_id, image, (label.array != 0).astype(np.uint8), body,
-                        channels[0])
+    return PreparedCase(case.case_id, image, lesion.astype(np.uint8), body, channels[0])
+
+
+def median_spacing(cases, reorient: bool = True) -> tuple[float, float, float]:
+    """nnU-Net's target spacing: the per-axis median voxel size (mm, x, y, z) of ``cases`` (dataset
+    :class:`~irisseg.data.datasets.Case` objects; only their image headers are read), after the axis
+    relabelling of ``reorient``."""
+    from irisseg.preprocess import model_grid_record
+
+    spacings = [model_grid_record(c.image_geometry(), reorient).model_geometry()["spacing"] for c in cases]
+    return tuple(float(v) for v in np.median(np.asarray(spacings, float), axis=0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -301,7 +335,7 @@ def _model_extra(cfg: LesionTrainConfig, info: dict) -> dict:
     return {"lesion": {"patch": [cfg.patch] * 3, "overlap": cfg.overlap, "threshold": cfg.threshold,
                        "reorient": cfg.reorient, "normalization": cfg.normalization,
                        **info},
-            "train": cfg.to_dict()}
+            "train": cfg.to_yaml_dict()}
 
 
 class _PatchEpoch(L.Callback):
@@ -365,8 +399,11 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
     dataset = load_dataset(data)
     splits = _splits(dataset, cfg, out, resume)
     by_id = {c.case_id: c for c in dataset.cases}
-    train_cases = [prepare_case(by_id[i], cfg.reorient, cfg.normalization) for i in splits["train"]]
-    val_cases = [prepare_case(by_id[i], cfg.reorient, cfg.normalization) for i in splits["val"]]
+    spacing = cfg.target_spacing
+    if spacing == "median":
+        spacing = median_spacing([by_id[i] for i in splits["train"]], cfg.reorient)
+    train_cases = [prepare_case(by_id[i], cfg.reorient, cfg.normalization, spacing) for i in splits["train"]]
+    val_cases = [prepare_case(by_id[i], cfg.reorient, cfg.normalization, spacing) for i in splits["val"]]
     n_channels = train_cases[0].image.shape[0]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = ResidualUNet(UNetConfig(in_channels=n_channels, out_channels=1, channels=cfg.channels,
@@ -386,8 +423,9 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
                                      for i, c in enumerate(val_cases)]), batch_size=None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "splits.json").write_text(json.dumps(splits, indent=1))
-    (out / "train_config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "channels": list(cfg.channels)}))
-    info = {"dataset": str(data), "channel_names": list(dataset.channel_names), "splits": "splits.json"}
+    (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_yaml_dict()))
+    info = {"dataset": str(data), "channel_names": list(dataset.channel_names), "splits": "splits.json",
+            "target_spacing": list(spacing) if spacing is not None else None}
     module = LesionLightning(model, cfg, val_cases)
     stop = EarlyStopping(monitor="val/dice", mode="max", patience=cfg.patience, check_finite=False)
     trainer = make_trainer(

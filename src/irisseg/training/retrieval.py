@@ -206,10 +206,6 @@ class RetrievalTrainConfig(YamlConfig):
         if int(self.num_workers) < 0:
             raise InputError(f"num_workers must be >= 0, got {self.num_workers}")
 
-    def to_yaml_dict(self) -> dict:
-        """The settings as plain YAML-ready values (tuples as lists)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.to_dict().items()}
-
 
 # ---------------------------------------------------------------------------------------------------
 # stratified split

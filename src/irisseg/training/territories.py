@@ -156,10 +156,6 @@ class TerritoryTrainConfig(YamlConfig):
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise InputError(f"max_minutes must be positive (or null for none), got {self.max_minutes}")
 
-    def to_yaml_dict(self) -> dict:
-        """The settings as plain YAML-ready values (tuples as lists)."""
-        return {**self.to_dict(), "channels": list(self.channels)}
-
 
 # ---------------------------------------------------------------------------------------------------
 # data
