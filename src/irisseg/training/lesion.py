@@ -100,7 +100,8 @@ class LesionTrainConfig(YamlConfig):
         linearly then thresholded at 0.5) before normalisation; the resolved spacing is stored in the model,
         whose predictions are resampled to it and their probabilities linearly back to the input's grid.
         Worth it when cases differ in voxel size (ISLES-like data); patches and windows are then that many
-        voxels of that spacing.
+        voxels of that spacing, and the per-epoch validation metrics are computed on that grid (against the
+        resampled masks), while ``irisseg lesion evaluate`` scores predictions on each case's own grid.
       compile: compile the network's training steps with ``torch.compile``
         (:meth:`~irisseg.training.engine.AnnealedModule.train_forward`; falls back to the plain network
         with a warning where compiling is not possible).
@@ -207,7 +208,8 @@ class PreparedCase:
       image (np.ndarray): float32 (C, D, H, W), normalised (:func:`irisseg.lesion.normalize_channels`).
       label (np.ndarray): uint8 (D, H, W), 1 = lesion (any non-zero label of the label map).
       body (np.ndarray): bool (D, H, W) body mask (:func:`irisseg.lesion.body_mask`).
-      geometry (Volume): the first channel as the arrays are laid out (reoriented with them, if they were).
+      geometry (Volume): the first channel as the arrays are laid out (reoriented and resampled with them,
+        if they were).
     """
 
     case_id: str
