@@ -604,7 +604,7 @@ def test_lesion_config_target_spacing_values_and_yaml_round_trip():
     assert LesionTrainConfig().target_spacing is None  # the default: each case's own voxel grid
     assert LesionTrainConfig(target_spacing="median").target_spacing == "median"
     assert LesionTrainConfig(target_spacing=[1, 1, 2.5]).target_spacing == (1.0, 1.0, 2.5)
-    for bad in ("mean", [1, 2], [1, 0, 1], [1, float("nan"), 1], 3):
+    for bad in ("mean", "123", [1, 2], [1, 0, 1], [1, float("nan"), 1], 3):
         with pytest.raises(InputError, match="target_spacing"):
             LesionTrainConfig(target_spacing=bad)
     cfg = LesionTrainConfig(channels=[4, 8], blocks_per_level=[1, 2], target_spacing=[0.9, 0.9, 3])

@@ -163,9 +163,8 @@ class LesionTrainConfig(YamlConfig):
         if self.normalization not in NORMALIZATIONS:
             raise InputError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
         if self.target_spacing is not None and self.target_spacing != "median":
-            values = self.target_spacing
-            try:
-                values = tuple(float(v) for v in values)
+            try:  # a string other than "median" is no spacing (even "123", which would iterate to 3 numbers)
+                values = () if isinstance(self.target_spacing, str) else tuple(float(v) for v in self.target_spacing)
             except (TypeError, ValueError):
                 values = ()
             if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
