@@ -34,7 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from irisseg.errors import InputError
-from irisseg.io import Volume
+from irisseg.io import Volume, same_geometry
 
 __all__ = [
     "CT_WINDOWS",
@@ -249,7 +249,7 @@ def model_grid_record(reference: Volume, reorient: bool = True,
                       spacing: Sequence[float] | None = None) -> GridRecord:
     """The :class:`GridRecord` from ``reference``'s grid to a model's voxel grid: the axes relabelled towards
     the identity direction (:func:`canonical_axes`, no interpolation; when ``reorient`` and needed), then
-    resampled to ``spacing`` (when given and not already the grid's spacing within 0.1%).
+    resampled to ``spacing`` (when given and the grid at that spacing differs from the current one).
 
     Arguments:
       reference (Volume): the input grid, (D, H, W) with spacing, origin and direction (its array is not read).
@@ -260,12 +260,7 @@ def model_grid_record(reference: Volume, reorient: bool = True,
     Returns:
       GridRecord: ``apply`` sends volumes of that geometry to the model grid, ``invert`` brings arrays back.
     """
-    record = Preprocessor(PreprocessConfig(reorient=reorient)).plan(reference)
-    if spacing is not None and not np.allclose(record.model_geometry()["spacing"], spacing, rtol=1e-3, atol=0):
-        grid = GridRecord._grid(record.model_geometry())
-        record.steps.append({"op": "resample", "before": grid.geometry(),
-                             "after": _resampled_grid(grid, spacing=spacing).geometry()})
-    return record
+    return Preprocessor(PreprocessConfig(reorient=reorient, target_spacing=spacing)).plan(reference)
 
 
 def reorient_case(channels: Sequence[Volume], label: Volume, enabled: bool = True) -> tuple[list[Volume], Volume]:
@@ -604,7 +599,9 @@ class Preprocessor:
             if order != (0, 1, 2) or any(flips):
                 grid = add_step("reorient", _reoriented_grid(grid, order, flips), order=list(order), flips=list(flips))
         if cfg.target_shape is not None or cfg.target_spacing is not None:
-            grid = add_step("resample", _resampled_grid(grid, cfg.target_spacing, cfg.target_shape))
+            resampled = _resampled_grid(grid, cfg.target_spacing, cfg.target_shape)
+            if not same_geometry(resampled, grid, tol=1e-9):  # already the target grid: nothing to interpolate
+                grid = add_step("resample", resampled)
         if cfg.pad_shape is not None:
             start, stop = _center_box(grid.shape, cfg.pad_shape)
             grid = add_step("crop", grid.crop(start, stop), start=start, stop=stop)

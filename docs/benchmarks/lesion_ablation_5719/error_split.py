@@ -16,23 +16,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from irisseg.data.datasets import load_dataset
 from irisseg.lesion import LesionPredictor
-
-CONNECTIVITY = np.ones((3, 3, 3), bool)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / float(total)
+from irisseg.metrics import _components, _hit_components, dice  # the lesion metrics' own component rule
 
 
-def untouched(mask: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """Voxels of the components of ``mask`` that share no voxel with ``other``."""
-    labels, _ = ndi.label(mask, CONNECTIVITY)
-    return mask & ~np.isin(labels, np.unique(labels[mask & other]))
+def untouched(mask: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels of the components of ``mask`` that share no voxel with ``other``, and those components' sizes."""
+    labels, n = _components(mask)
+    hit = _hit_components(labels, n, other, 0.0)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    return mask & ~np.concatenate([[True], hit])[labels], sizes[~hit]
 
 
 def main(run: str, data: str) -> None:
@@ -45,9 +40,8 @@ def main(run: str, data: str) -> None:
         channels, label = cases[case_id].load()
         ref = label.array != 0
         pred = predictor.predict(channels).array != 0
-        false_pos, missed = untouched(pred, ref), untouched(ref, pred)
+        (false_pos, sizes), (missed, _) = untouched(pred, ref), untouched(ref, pred)
         row = (dice(pred, ref), dice(pred & ~false_pos, ref), dice(pred | missed, ref))
-        sizes = np.bincount(ndi.label(false_pos, CONNECTIVITY)[0].ravel())[1:]
         print(f"{case_id}  {row[0]:.3f}  {row[1]:.3f}  {row[2]:.3f}  {int(ref.sum()):7d}  {int(false_pos.sum()):6d}"
               f"  {sorted(sizes.tolist(), reverse=True)}")
         rows.append(row)
