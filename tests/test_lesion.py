@@ -182,6 +182,50 @@ def test_a_killed_run_resumes_from_the_last_epoch(tmp_path, dataset):
     assert [r["epoch"] for r in read_metrics_csv(run / "metrics.csv")] == [0, 1, 2]
 
 
+class _Batches(L.Callback):
+    """Record (epoch, case, centre) of every training patch, and every case's hard-negative centres as each
+    epoch starts."""
+
+    def __init__(self):
+        self.items, self.pools = [], {}
+
+    def on_train_epoch_start(self, trainer, module):
+        samplers = trainer.train_dataloader.dataset.samplers
+        self.pools[trainer.current_epoch] = {k: {tuple(c) for c in s.hard_negatives.tolist()} for k, s in enumerate(samplers)}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.items += [(trainer.current_epoch, int(k), tuple(c)) for k, c in zip(batch["case"], batch["centre"].tolist())]
+
+    def hard_draws(self, epoch: int) -> int:
+        """Patches of ``epoch`` centred on a hard negative, after checking that every patch on a case with
+        hard negatives is centred on one of them and no other patch is."""
+        pools = self.pools[epoch]
+        items = [(k, c) for e, k, c in self.items if e == epoch]
+        assert items and all((c in pools[k]) == bool(pools[k]) for k, c in items)
+        return sum(bool(pools[k]) for k, _ in items)
+
+
+def test_hard_negative_mining_centres_negatives_on_false_positives_and_resumes_with_them(tmp_path, dataset):
+    # threshold 0.01: the barely trained net predicts lesion almost everywhere, so every mined case has
+    # false positives; positive_fraction 0 and hard_negative_fraction 1: every patch on a mined case is one
+    cfg = LesionTrainConfig(**{**TINY, "epochs": 3, "steps_per_epoch": 4, "positive_fraction": 0.0, "threshold": 0.01,
+                               "hard_negative_fraction": 1.0, "hard_negative_cases": 1})
+    run = tmp_path / "run"
+    seen = _Batches()
+    with pytest.raises(RuntimeError, match="killed"):
+        train_lesion(cfg, dataset, run, device="cpu", progress=False, callbacks=[seen, _CrashAt(2)])
+    assert [sum(map(bool, seen.pools[e].values())) for e in (0, 1, 2)] == [0, 1, 2]  # one case mined per epoch
+    assert seen.hard_draws(0) == 0 and seen.hard_draws(1) > 0
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["_HardNegativeMiner"]
+    assert state["visited"] == 2
+    assert {int(k): {tuple(c) for c in v} for k, v in state["centres"].items()} == seen.pools[2]
+
+    resumed = _Batches()
+    train_lesion(cfg, dataset, run, resume=True, device="cpu", progress=False, callbacks=[resumed])
+    assert resumed.pools[2] == seen.pools[2]  # the restored centres reach the resumed epoch's patches
+    assert resumed.hard_draws(2) == 8  # both cases mined: every patch
+
+
 class _Snapshot(L.Callback):
     """Record the live weights and their moving average after every training batch. Callbacks run before
     the module's own ``on_train_batch_end``, so ``ema[t]`` holds the average of the updates before step t."""

@@ -14,6 +14,7 @@ from irisseg.data.patches import (
     PatchSampler,
     body_mask,
     extract_patch,
+    false_positive_centres,
     window_start,
 )
 from irisseg.errors import InputError
@@ -255,6 +256,60 @@ def test_bad_inputs_raise_one_line_errors():
     assert PatchConfig(patch_size=[8, 16, 24]).patch_size == (8, 16, 24)  # as read from YAML
     with pytest.raises(InputError, match="label shape"):
         PatchSampler(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)))
+
+
+def test_false_positive_centres_one_peak_per_component_away_from_lesions():
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[4:8, 4:8, 4:8] = 1
+    prob = np.zeros(label.shape, np.float32)
+    prob[3:9, 4:8, 4:8] = 0.9  # the lesion found, one voxel too wide on each side: a boundary error, not counted
+    prob[12:15, 12:15, 12:15] = 0.7  # a 27-voxel false positive with its peak at (13, 14, 12)
+    prob[13, 14, 12] = 0.95
+    prob[2, 16, 16] = 0.8  # a 1-voxel false positive
+    prob[17, 2, 2] = 0.4  # below the threshold
+    centres = false_positive_centres(prob, label, threshold=0.5)
+    assert centres.dtype == np.int64
+    np.testing.assert_array_equal(centres, [[13, 14, 12], [2, 16, 16]])  # largest component first
+    np.testing.assert_array_equal(false_positive_centres(prob, label, max_centres=1), [[13, 14, 12]])
+    # without the margin the boundary voxels next to the lesion are false positives too
+    assert len(false_positive_centres(prob, label, margin=0)) == 4
+    assert false_positive_centres(np.zeros(label.shape), label).shape == (0, 3)
+    with pytest.raises(InputError, match="one shape"):
+        false_positive_centres(prob, label[:-1])
+
+
+def test_hard_negatives_take_their_share_of_negative_draws():
+    image, label, body = _brain_case()
+    cfg = PatchConfig(patch_size=12, positive_fraction=0.5, hard_negative_fraction=0.4)
+    sampler = PatchSampler(image, label, body, cfg)
+    hard = np.array([[16, 8, 16], [8, 16, 20]])
+    rng = np.random.default_rng(0)
+    # no hard negatives yet: the draws are those of a sampler without the option (no extra randomness)
+    plain = PatchSampler(image, label, body, PatchConfig(patch_size=12, positive_fraction=0.5))
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    assert all(np.array_equal(sampler.draw_centre(a)[0], plain.draw_centre(b)[0]) for _ in range(100))
+    sampler.set_hard_negatives(hard)
+    draws = [sampler.draw_centre(rng) for _ in range(4000)]
+    negatives = [c for c, positive, _ in draws if not positive]
+    on_hard = np.mean([any(np.array_equal(c, h) for h in hard) for c in negatives])
+    assert abs(on_hard - 0.4) < 0.05
+    assert abs(np.mean([positive for _, positive, _ in draws]) - 0.5) < 0.05  # the positive share is unchanged
+    sampler.set_hard_negatives([])  # cleared
+    assert sampler.hard_negatives.shape == (0, 3)
+    with pytest.raises(InputError, match="inside the volume"):
+        sampler.set_hard_negatives([[0, 0, 32]])
+    with pytest.raises(InputError, match=r"\(n, 3\)"):
+        sampler.set_hard_negatives([[1, 2]])
+    with pytest.raises(InputError, match="hard_negative_fraction"):
+        PatchConfig(hard_negative_fraction=-0.1)
+
+
+def test_dataset_hard_negatives_reach_workers_started_after_the_change():
+    cfg = PatchConfig(patch_size=8, positive_fraction=0.0, hard_negative_fraction=1.0)
+    ds = LesionPatchDataset(_dataset_cases(), cfg, seed=2, samples_per_epoch=32)
+    ds.set_hard_negatives(1, [[5, 6, 7]])
+    centres = torch.cat([b["centre"][b["case"] == 1] for b in DataLoader(ds, batch_size=8, num_workers=1)])
+    assert len(centres) > 5 and (centres == torch.tensor([5, 6, 7])).all()
 
 
 def _dataset_cases():

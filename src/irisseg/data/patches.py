@@ -10,6 +10,10 @@ Small lesions fill a tiny fraction of a 3D MRI volume, so patches drawn uniforml
 * **negative** draws are centred on any voxel of the body/brain mask. The mask is given, or derived from
   the image by :func:`body_mask` (voxels above a low intensity threshold in any channel, holes filled).
   A negative patch may contain lesion by chance; it is "negative" only in how its centre was chosen.
+* **hard negatives** (optional, online hard-negative mining): centres given to a sampler with
+  :meth:`PatchSampler.set_hard_negatives`, typically one per false-positive component of the current model
+  on that training case (:func:`false_positive_centres`). A negative draw on such a case takes one of them
+  with probability ``hard_negative_fraction`` (0 by default: never).
 
 Precomputation (once per case, in :class:`PatchSampler`'s constructor): the lesion connected components
 (``scipy.ndimage.label``, 6-connected by default as in :mod:`irisseg.data.synthetic`), the flat indices of
@@ -61,6 +65,7 @@ __all__ = [
     "PatchSampler",
     "LesionPatchDataset",
     "body_mask",
+    "false_positive_centres",
     "extract_patch",
     "window_start",
     "augment_patch",
@@ -115,6 +120,9 @@ class PatchConfig:
       max_body_voxels: keep at most this many body voxels as negative centres (random subset), None = all.
       max_component_voxels: keep at most this many voxels per lesion component as positive centres
         (random subset), None = all.
+      hard_negative_fraction: probability that a negative draw on a case with hard-negative centres
+        (:meth:`PatchSampler.set_hard_negatives`) is centred on one of them (uniformly) rather than anywhere
+        in the body, in [0, 1]; 0 (default) never, and draws then consume no extra randomness.
     """
 
     patch_size: int | tuple[int, int, int] = 48
@@ -128,11 +136,13 @@ class PatchConfig:
     fill_body_holes: bool = True
     max_body_voxels: int | None = 1_000_000
     max_component_voxels: int | None = 100_000
+    hard_negative_fraction: float = 0.0
 
     def __post_init__(self):
         self.patch_size = _triple(self.patch_size, "patch_size")
-        if not 0.0 <= float(self.positive_fraction) <= 1.0:
-            raise InputError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
+        for name in ("positive_fraction", "hard_negative_fraction"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= float(self.centre_jitter) < 1.0:
             raise InputError(f"centre_jitter must be in [0, 1), got {self.centre_jitter}")
         if self.connectivity not in (1, 2, 3):
@@ -251,6 +261,42 @@ def body_mask(image: np.ndarray, threshold: float = 0.05, fill_holes: bool = Tru
     if fill_holes and mask.any():
         mask = ndi.binary_fill_holes(mask)
     return mask
+
+
+def false_positive_centres(prob: np.ndarray, label: np.ndarray, threshold: float = 0.5, margin: int = 1,
+                           connectivity: int = 1, max_centres: int | None = 64) -> np.ndarray:
+    """One centre per false-positive component of a prediction: where a model is confidently wrong.
+
+    A false-positive component is a connected component of ``prob > threshold`` outside the lesion mask
+    dilated by ``margin`` voxels, so boundary errors of lesions that were found do not count; its centre is
+    its most probable voxel. Used for online hard-negative mining (:meth:`PatchSampler.set_hard_negatives`).
+
+    Arguments:
+      prob (np.ndarray): (D, H, W) foreground probabilities (or any score compared with ``threshold``).
+      label (np.ndarray): (D, H, W) reference; non-zero = lesion.
+      threshold (float): probability above which a voxel is predicted lesion.
+      margin (int): voxels of dilation (``connectivity``'s structure) of the lesions first; 0 for none.
+      connectivity (int): 1, 2 or 3 (6-, 18- or 26-connected components, as ``scipy.ndimage``).
+      max_centres (int | None): keep the largest components only (ties: first found); None = all.
+
+    Returns:
+      np.ndarray: int64 (n, 3) voxel indices (d, h, w), largest component first.
+
+    Raises:
+      InputError: ``prob`` and ``label`` of different shapes, or not 3D.
+    """
+    prob, label = np.asarray(prob), np.asarray(label) != 0
+    if prob.ndim != 3 or prob.shape != label.shape:
+        raise InputError(f"prob and label must be (D, H, W) of one shape, got {prob.shape} and {label.shape}")
+    structure = ndi.generate_binary_structure(3, connectivity)
+    near_lesion = ndi.binary_dilation(label, structure, iterations=margin) if margin > 0 and label.any() else label
+    components, n = ndi.label((prob > threshold) & ~near_lesion, structure=structure)
+    if n == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    index = np.arange(1, n + 1)
+    peaks = np.array(ndi.maximum_position(prob, components, index), dtype=np.int64).reshape(n, 3)
+    order = np.argsort(-np.bincount(components.ravel(), minlength=n + 1)[1:], kind="stable")
+    return peaks[order[:max_centres] if max_centres is not None else order]
 
 
 def window_start(centre: Sequence[int], shape: Sequence[int], patch_size: Sequence[int],
@@ -427,6 +473,25 @@ class PatchSampler:
             self.n_body_voxels = int(body_flat.size)
             body_flat = _subsample(body_flat, cfg.max_body_voxels, rng)
         self.body_index = body_flat.astype(index_dtype)
+        self.hard_negatives = np.zeros((0, 3), dtype=np.int64)
+
+    def set_hard_negatives(self, centres: np.ndarray | Sequence[Sequence[int]]) -> None:
+        """Replace this case's hard-negative centres (e.g. :func:`false_positive_centres` of a model).
+
+        Arguments:
+          centres: (n, 3) voxel indices (d, h, w) inside the volume; n = 0 clears them.
+
+        Raises:
+          InputError: not (n, 3), or a centre outside the volume.
+        """
+        centres = np.asarray(centres, dtype=np.int64)
+        if centres.size == 0:
+            centres = np.zeros((0, 3), dtype=np.int64)
+        if centres.ndim != 2 or centres.shape[1] != 3:
+            raise InputError(f"hard-negative centres must be (n, 3) voxel indices, got shape {centres.shape}")
+        if (centres < 0).any() or (centres >= np.asarray(self.shape)).any():
+            raise InputError(f"hard-negative centres must lie inside the volume {self.shape}")
+        self.hard_negatives = centres
 
     @property
     def has_lesion(self) -> bool:
@@ -449,7 +514,8 @@ class PatchSampler:
 
         Returns:
           tuple[np.ndarray, bool, int]: the centre, int64 (3,) voxel index (d, h, w); whether it is a
-          lesion voxel drawn as positive; the component index (-1 for negatives).
+          lesion voxel drawn as positive; the component index (-1 for negatives). A negative draw is a
+          hard-negative centre with probability ``config.hard_negative_fraction`` when there are any.
         """
         if positive is None:
             positive = bool(rng.random() < self.config.positive_fraction)
@@ -461,6 +527,9 @@ class PatchSampler:
             lo, hi = self.component_offsets[k], self.component_offsets[k + 1]
             flat = self.lesion_index[int(rng.integers(lo, hi))]
             return np.array(np.unravel_index(int(flat), self.shape), dtype=np.int64), True, k
+        hard = self.config.hard_negative_fraction
+        if hard > 0 and len(self.hard_negatives) and rng.random() < hard:
+            return self.hard_negatives[int(rng.integers(len(self.hard_negatives)))].copy(), False, -1
         flat = self.body_index[int(rng.integers(self.body_index.size))]
         return np.array(np.unravel_index(int(flat), self.shape), dtype=np.int64), False, -1
 
@@ -642,6 +711,14 @@ class LesionPatchDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the stream of this epoch (see the class docstring)."""
         self.epoch = int(epoch)
+
+    def set_hard_negatives(self, case: int, centres) -> None:
+        """Give case ``case`` (index into ``cases``) new hard-negative centres (:meth:`PatchSampler.set_hard_negatives`).
+
+        DataLoader workers hold a copy of the dataset: the change reaches them when they are next started
+        (every epoch with non-persistent workers).
+        """
+        self.samplers[int(case)].set_hard_negatives(centres)
 
     def __len__(self) -> int:
         if self.samples_per_epoch is None:

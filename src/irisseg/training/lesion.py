@@ -102,6 +102,14 @@ class LesionTrainConfig(YamlConfig):
         Worth it when cases differ in voxel size (ISLES-like data); patches and windows are then that many
         voxels of that spacing, and the per-epoch validation metrics are computed on that grid (against the
         resampled masks), while ``irisseg lesion evaluate`` scores predictions on each case's own grid.
+      hard_negative_fraction: online hard-negative mining. After every epoch the model being validated
+        predicts ``hard_negative_cases`` training cases (in a fixed shuffled rotation) by sliding window, and
+        each false-positive component away from the lesions gives a hard-negative centre for its case
+        (:func:`irisseg.data.patches.false_positive_centres`); a negative draw on a case with such centres
+        takes one of them with this probability (:class:`~irisseg.data.patches.PatchConfig`). 0 (default):
+        off. The centres are kept in the checkpoint, so ``--resume`` continues with them.
+      hard_negative_cases: training cases predicted per epoch for the mining (each takes about as long as
+        one validation case).
       compile: compile the network's training steps with ``torch.compile``
         (:meth:`~irisseg.training.engine.AnnealedModule.train_forward`; falls back to the plain network
         with a warning where compiling is not possible).
@@ -140,6 +148,8 @@ class LesionTrainConfig(YamlConfig):
     reorient: bool = True
     normalization: str = "zscore"
     target_spacing: str | tuple[float, float, float] | None = None
+    hard_negative_fraction: float = 0.0
+    hard_negative_cases: int = 8
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -171,6 +181,8 @@ class LesionTrainConfig(YamlConfig):
                 raise InputError(f"target_spacing must be null, 'median' or 3 positive numbers [x, y, z] in mm, "
                                  f"got {self.target_spacing!r}")
             self.target_spacing = values
+        if self.hard_negative_cases < 1:
+            raise InputError(f"hard_negative_cases must be >= 1, got {self.hard_negative_cases}")
         self.augmentation = dict(self.augmentation or {})
         self.patch_config()  # invalid sampling settings (positive_fraction, centre_jitter) fail here
         self.augment_config()  # unknown or invalid augmentation keys fail here, before any training
@@ -180,7 +192,8 @@ class LesionTrainConfig(YamlConfig):
         from irisseg.data.patches import PatchConfig
 
         return PatchConfig(patch_size=self.patch, positive_fraction=self.positive_fraction,
-                           component_balanced=self.component_balanced, centre_jitter=self.centre_jitter)
+                           component_balanced=self.component_balanced, centre_jitter=self.centre_jitter,
+                           hard_negative_fraction=self.hard_negative_fraction)
 
     def augment_config(self):
         """The patch augmentation of this config (:class:`PatchAugmentConfig`), or None without ``augment``."""
@@ -349,6 +362,44 @@ class _PatchEpoch(L.Callback):
         self.patches.set_epoch(trainer.current_epoch)
 
 
+class _HardNegativeMiner(L.Callback):
+    """Online hard-negative mining: after every training epoch, predict ``cfg.hard_negative_cases`` training
+    cases with the model being validated and give each its false-positive centres as hard negatives.
+
+    Cases are visited in one shuffled order (by ``cfg.seed``), round robin. The centres and the position in
+    the order are the callback's state, saved in the checkpoint and given back to the patch stream on resume.
+    """
+
+    def __init__(self, patches, cases: list[PreparedCase], cfg: LesionTrainConfig):
+        self.patches, self.cases, self.cfg = patches, cases, cfg
+        self.order = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x4A4D])).permutation(len(cases))
+        self.visited = 0
+        self.centres: dict[int, np.ndarray] = {}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from irisseg.data.patches import false_positive_centres
+
+        for _ in range(min(self.cfg.hard_negative_cases, len(self.cases))):
+            index = int(self.order[self.visited % len(self.order)])
+            self.visited += 1
+            case = self.cases[index]
+            logits = sliding_window_logits(module.eval_model, torch.from_numpy(case.image)[None],
+                                           (self.cfg.patch,) * 3, self.cfg.overlap, device=module.device)
+            prob = torch.sigmoid(logits)[0, 0].numpy()
+            self.centres[index] = false_positive_centres(prob, case.label, self.cfg.threshold)
+            self.patches.set_hard_negatives(index, self.centres[index])
+
+    def state_dict(self) -> dict:
+        return {"visited": self.visited, "centres": {str(k): v.tolist() for k, v in self.centres.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.visited = int(state_dict.get("visited", 0))
+        self.centres = {int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)
+                        for k, v in state_dict.get("centres", {}).items()}
+        for index, centres in self.centres.items():
+            self.patches.set_hard_negatives(index, centres)
+
+
 # ---------------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------------
@@ -428,10 +479,11 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
     info = {"dataset": str(data), "channel_names": list(dataset.channel_names), "splits": "splits.json",
             "target_spacing": list(spacing) if spacing is not None else None}
     module = LesionLightning(model, cfg, val_cases)
+    miner = [_HardNegativeMiner(patches, train_cases, cfg)] if cfg.hard_negative_fraction > 0 else []
     stop = EarlyStopping(monitor="val/dice", mode="max", patience=cfg.patience, check_finite=False)
     trainer = make_trainer(
         out, max_epochs=cfg.epochs, device=device, gradient_clip_val=1.0,
-        callbacks=[stop, _PatchEpoch(patches), RunRecorder(out, METRICS_COLUMNS, "val_dice", lambda e: _model_extra(cfg, {**info, **e})), *(callbacks or [])],
+        callbacks=[stop, _PatchEpoch(patches), *miner, RunRecorder(out, METRICS_COLUMNS, "val_dice", lambda e: _model_extra(cfg, {**info, **e})), *(callbacks or [])],
         progress=progress, max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None)
     if ckpt:  # the first epoch's patch iterator is made before any hook runs: give it the resumed epoch
         patches.set_epoch(int(torch.load(ckpt, map_location="cpu", weights_only=True).get("epoch", -1)) + 1)
