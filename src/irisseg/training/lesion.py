@@ -6,7 +6,9 @@ Dice + BCE, Tversky or focal-Dice (:func:`irisseg.losses.get_loss`). After every
 are predicted whole by Gaussian sliding-window inference (MONAI) and scored: Dice, IoU, lesion-wise recall,
 precision and F1, HD95. Early stopping on validation Dice; ``RUN/best`` and ``RUN/last`` are model folders
 (``config.json`` + ``model.safetensors``); ``RUN/metrics.csv`` holds one row per epoch; ``--resume``
-continues from ``RUN/checkpoints/last.ckpt``.
+continues from ``RUN/checkpoints/last.ckpt``. Optionally (``hard_negative_fraction``), after every epoch a
+few training cases are predicted and the model's false-positive components become negative patch centres
+(online hard-negative mining).
 
 By default volumes stay on their own voxel grid (no resampling), their array axes relabelled towards the
 identity direction (``reorient``, no interpolation); with ``target_spacing`` (a spacing, or ``median``:
