@@ -224,6 +224,8 @@ def test_hard_negative_mining_centres_negatives_on_false_positives_and_resumes_w
     train_lesion(cfg, dataset, run, resume=True, device="cpu", progress=False, callbacks=[resumed])
     assert resumed.pools[2] == seen.pools[2]  # the restored centres reach the resumed epoch's patches
     assert resumed.hard_draws(2) == 8  # both cases mined: every patch
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["_HardNegativeMiner"]
+    assert state["visited"] == 2  # nothing is mined after the last epoch
 
 
 class _Snapshot(L.Callback):

@@ -381,6 +381,9 @@ class _HardNegativeMiner(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         from irisseg.data.patches import false_positive_centres
 
+        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        if trainer.should_stop or last_epoch:
+            return  # no epoch follows that could use the centres
         for _ in range(min(self.cfg.hard_negative_cases, len(self.cases))):
             index = int(self.order[self.visited % len(self.order)])
             self.visited += 1
