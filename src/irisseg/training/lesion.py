@@ -376,7 +376,6 @@ class _HardNegativeMiner(L.Callback):
         self.patches, self.cases, self.cfg = patches, cases, cfg
         self.order = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x4A4D])).permutation(len(cases))
         self.visited = 0
-        self.centres: dict[int, np.ndarray] = {}
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         from irisseg.data.patches import false_positive_centres
@@ -391,18 +390,17 @@ class _HardNegativeMiner(L.Callback):
             logits = sliding_window_logits(module.eval_model, torch.from_numpy(case.image)[None],
                                            (self.cfg.patch,) * 3, self.cfg.overlap, device=module.device)
             prob = torch.sigmoid(logits)[0, 0].numpy()
-            self.centres[index] = false_positive_centres(prob, case.label, self.cfg.threshold)
-            self.patches.set_hard_negatives(index, self.centres[index])
+            self.patches.set_hard_negatives(index, false_positive_centres(prob, case.label, self.cfg.threshold))
 
-    def state_dict(self) -> dict:
-        return {"visited": self.visited, "centres": {str(k): v.tolist() for k, v in self.centres.items()}}
+    def state_dict(self) -> dict:  # the centres live in the patch stream's samplers only
+        return {"visited": self.visited,
+                "centres": {str(k): s.hard_negatives.tolist() for k, s in enumerate(self.patches.samplers)
+                            if len(s.hard_negatives)}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.visited = int(state_dict.get("visited", 0))
-        self.centres = {int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)
-                        for k, v in state_dict.get("centres", {}).items()}
-        for index, centres in self.centres.items():
-            self.patches.set_hard_negatives(index, centres)
+        for index, centres in state_dict.get("centres", {}).items():
+            self.patches.set_hard_negatives(int(index), centres)
 
 
 # ---------------------------------------------------------------------------------------------------
