@@ -138,6 +138,35 @@ def test_lesions_are_visible_in_the_image():
     assert abs(case.image[lesion].mean() - case.image[ring].mean()) > 0.02
 
 
+def test_lesion_contrast_attribute_marks_the_low_contrast_quarter():
+    contrast = {"low": [], "normal": []}
+    for seed in range(40):
+        case = _case("lesion", seed, shape=32, thick_slice=0.0)
+        lesion = case.label == 1
+        ring = ndi.binary_dilation(lesion, iterations=2) & ~lesion
+        contrast[case.attributes["lesion_contrast"]].append(case.image[lesion].mean() - case.image[ring].mean())
+    assert 4 <= len(contrast["low"]) <= 18  # a quarter of 40 cases, binomial SD 2.7
+    assert np.median(contrast["low"]) < np.median(contrast["normal"])
+
+
+def test_acquisition_attributes_record_the_draws_without_changing_the_arrays():
+    for mode in syn.MODES:
+        case = _case(mode, 4, thick_slice=1.0)
+        records = case.attributes["acquisition"]
+        records = records if isinstance(records, list) else [records]
+        assert len(records) == case.channels and all(set(r) == set(syn.ACQUISITION_KEYS) for r in records)
+        assert all(r["slice_thickness"] > 1.0 and len(r["blur_sigma"]) == 3 for r in records)
+    assert _case("multiclass", 4, thick_slice=0.0).attributes["acquisition"]["slice_thickness"] == 1.0
+    # recording draws no random number: the image is the one rendered without a record
+    tissue = np.random.default_rng(0).integers(0, 3, (SHAPE,) * 3)
+    means, stds = np.array([0.1, 0.5, 0.9], np.float32), np.full(3, 0.02, np.float32)
+    record: dict = {}
+    with_record = syn._render(np.random.default_rng(7), tissue, means, stds, (0, 2.5, 1.0), record=record)
+    without = syn._render(np.random.default_rng(7), tissue, means, stds, (0, 2.5, 1.0))
+    np.testing.assert_array_equal(with_record, without)
+    assert record["slice_axis"] == "z" and record["slice_thickness"] > 1.0
+
+
 @pytest.mark.parametrize(("protocol", "sign"), [("flair", 1), ("t1", -1)])
 def test_lesion_protocol_fixes_lesion_polarity_across_cases(protocol, sign):
     for seed in range(6):
@@ -222,6 +251,8 @@ def test_generate_dataset_writes_a_readable_nnunet_folder(tmp_path, mode, channe
             np.testing.assert_allclose(image.direction, label.direction, atol=1e-6)
         if mode == "findings":
             assert {int(k) for k in label.labels()} == {i + 1 for i, v in enumerate(record["findings"]) if v}
+        case = syn.generate_case(mode, SHAPE, record["seed"], **options)  # the record says how it was made
+        assert record["attributes"] == json.loads(json.dumps(case.attributes))
     assert not (out / "imagesTr" / f"case_0000_{channels:04d}.nii.gz").exists()
 
 

@@ -41,7 +41,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -808,13 +808,14 @@ def _sample_texture(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def _render(rng: np.random.Generator, tissue: np.ndarray, means: np.ndarray, stds: np.ndarray,
             acquisition: tuple[int, float, float], gain: np.ndarray | None = None,
-            texture: np.ndarray | None = None) -> np.ndarray:
+            texture: np.ndarray | None = None, record: dict | None = None) -> np.ndarray:
     """Render a tissue map: GMM sampling (+ texture), bias field, blur, thick slices, noise, [0, 1], gamma.
 
     ``acquisition`` is (slice axis, slice/in-plane spacing ratio, probability of a thick-slice simulation);
     the simulated slice thickness is 0.8-1.5 x that ratio (1.5-4 voxels). ``texture`` (per-tissue texture
     amplitudes, see :func:`_sample_texture`) is drawn here when None; the texture field itself, the bias
-    field, blur, thick slices, noise and gamma are always drawn here.
+    field, blur, thick slices, noise and gamma are always drawn here. ``record``, when given, receives what
+    was drawn (see :data:`ACQUISITION_KEYS`); recording draws nothing, so the arrays are the same either way.
     """
     slice_axis, ratio, thick_slice = acquisition
     shape = tissue.shape
@@ -825,23 +826,40 @@ def _render(rng: np.random.Generator, tissue: np.ndarray, means: np.ndarray, std
         image += texture[tissue] * smooth_noise(rng, shape, rng.uniform(0.8, 2.5))
     if gain is not None:
         image *= gain
-    bias = rng.uniform(0.0, 0.35)
+    bias = float(rng.uniform(0.0, 0.35))
     if bias > 0.02:
         image *= np.exp(np.float32(bias) * smooth_noise(rng, shape, min(shape) / rng.uniform(2.0, 4.0)))
     blur = rng.uniform(0.0, 1.0, 3)
-    if blur.max() > 0.3:
+    blurred = bool(blur.max() > 0.3)
+    if blurred:
         image = ndi.gaussian_filter(image, sigma=tuple(blur), mode="nearest", truncate=3.0)
+    thickness = 1.0
     if rng.random() < thick_slice:
         factor = min(max(ratio * rng.uniform(0.8, 1.5), 1.5), 4.0, shape[slice_axis] / 6)
         if factor > 1.2:
             image = _simulate_thick_slices(image, slice_axis, factor)
-    noise = rng.uniform(0.0, 0.04)
+            thickness = float(factor)
+    noise = float(rng.uniform(0.0, 0.04))
     if noise > 0.002:
         image = image + np.float32(noise) * rng.standard_normal(shape, dtype=np.float32)
     lo, hi = np.percentile(image, [0.1, 99.9])
     image = np.clip((image - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
     gamma = math.exp(rng.normal(0.0, 0.3))
+    if record is not None:
+        record.update({
+            "bias_field": round(bias if bias > 0.02 else 0.0, 4),
+            "blur_sigma": [round(float(b), 3) for b in reversed(blur)] if blurred else [0.0, 0.0, 0.0],
+            "slice_axis": "xyz"[2 - slice_axis], "slice_thickness": round(thickness, 3),
+            "noise_std": round(noise if noise > 0.002 else 0.0, 4), "gamma": round(gamma, 4)})
     return np.power(image, np.float32(gamma), dtype=np.float32)
+
+
+#: What :attr:`SyntheticCase.attributes` ``["acquisition"]`` records of an image's acquisition: ``bias_field``
+#: (amplitude of the multiplicative log-bias field, 0: none), ``blur_sigma`` (Gaussian widths in voxels along
+#: x, y, z, zeros: no blur), ``slice_axis`` (``"x"``, ``"y"`` or ``"z"``, the thick-slice axis of the grid),
+#: ``slice_thickness`` (the simulated slice thickness in voxels, 1.0: none), ``noise_std`` (additive noise,
+#: intensity units before the final [0, 1] rescale) and ``gamma`` (the final intensity exponent).
+ACQUISITION_KEYS = ("bias_field", "blur_sigma", "slice_axis", "slice_thickness", "noise_std", "gamma")
 
 
 def _random_geometry(rng: np.random.Generator, oblique: float) -> tuple[tuple, np.ndarray, tuple, int, float]:
@@ -876,6 +894,10 @@ class SyntheticCase:
         1 where that finding (label ``index + 1``) is present in ``label``.
       mode (str): the generation mode.
       seed (int): the seed that reproduces this case with :func:`generate_case`.
+      attributes (dict): what made this case easy or hard, for stratified evaluation: ``acquisition``
+        (the image's draws, :data:`ACQUISITION_KEYS`; ``territories``: a list, one per channel) and, in the
+        ``lesion`` mode, ``lesion_contrast``: ``"low"`` (a quarter of the cases: every lesion 0.05-0.15
+        from its host tissue, on the [0, 1] intensity scale before gamma) or ``"normal"`` (0.12-0.45).
     """
 
     image: np.ndarray
@@ -888,6 +910,7 @@ class SyntheticCase:
     findings: np.ndarray | None
     mode: str
     seed: int
+    attributes: dict = field(default_factory=dict)
 
     @property
     def channels(self) -> int:
@@ -1120,6 +1143,7 @@ def _lesion_scene(rng: np.random.Generator, shape, allowed: tuple[str, ...], opt
         scene.template = np.asarray(protocol[0], dtype=np.float64)
         case_sign, host = protocol[1], scene.named["grey_matter"]
     low_contrast = rng.random() < 0.25
+    attributes = {"lesion_contrast": "low" if low_contrast else "normal"}
     used: list[str] = []
     for _ in range(n_lesions):
         voxels = math.exp(rng.uniform(math.log(6.0), math.log(350.0))) * volume_scale
@@ -1133,7 +1157,7 @@ def _lesion_scene(rng: np.random.Generator, shape, allowed: tuple[str, ...], opt
                           std=(0.005, 0.04), core_contrast=(0.05, 0.2), host=host)
         free &= parts == 0
         used.append(family)
-    return scene, {1: "+".join(f for f in FAMILIES if f in used)} if used else {}
+    return scene, ({1: "+".join(f for f in FAMILIES if f in used)} if used else {}), attributes
 
 
 def _findings_scene(rng: np.random.Generator, shape, allowed: tuple[str, ...], opts: dict):
@@ -1251,11 +1275,12 @@ def generate_case(mode: str, shape: int | Sequence[int] = 64, seed: int = 0,
     acquisition = (slice_axis, ratio, float(opts["thick_slice"]))
     max_disp = float(opts["deform"]) * min(shape)
 
+    attributes: dict = {}
     for _attempt in range(20):
         if mode == "multiclass":
             scene, fam = _multiclass(rng, shape, allowed, opts)
         elif mode == "lesion":
-            scene, fam = _lesion_scene(rng, shape, allowed, opts)
+            scene, fam, attributes = _lesion_scene(rng, shape, allowed, opts)
         elif mode == "findings":
             scene, fam = _findings_scene(rng, shape, allowed, opts)
         else:
@@ -1292,14 +1317,17 @@ def generate_case(mode: str, shape: int | Sequence[int] = 64, seed: int = 0,
         raise RuntimeError(f"could not generate a valid {mode} case for seed {seed}")
 
     if mode == "territories":  # one acquisition per channel, each with its own contrast and gains
-        images = []
+        images, records = [], []
         for gain in _territory_gain(rng, label, int(opts["channels"])):
             means, stds, _ = _sample_means(rng, scene)
-            images.append(_render(rng, tissue, means, stds, acquisition, gain))
+            records.append({})
+            images.append(_render(rng, tissue, means, stds, acquisition, gain, record=records[-1]))
         image = np.stack(images)
+        attributes["acquisition"] = records
     else:
         means, stds, _ = _sample_means(rng, scene)
-        image = _render(rng, tissue, means, stds, acquisition)
+        attributes["acquisition"] = {}
+        image = _render(rng, tissue, means, stds, acquisition, record=attributes["acquisition"])
 
     names = mode_label_names(mode, opts) if mode != "multiclass" else {v: f"structure_{v}" for v in present}
     findings = None
@@ -1317,6 +1345,7 @@ def generate_case(mode: str, shape: int | Sequence[int] = 64, seed: int = 0,
         findings=findings,
         mode=mode,
         seed=seed,
+        attributes=attributes,
     )
 
 
@@ -1793,6 +1822,7 @@ def generate_dataset(out_dir: str | os.PathLike, mode: str, cases: int, shape: i
             "families": {str(k): v for k, v in case.families.items()},
             "findings": None if case.findings is None else case.findings.tolist(),
             "voxels": {str(k): int(v) for k, v in enumerate(np.bincount(case.label.ravel())) if k and v},
+            "attributes": case.attributes,
         })
     # case files of an earlier, larger run in the same folder would be picked up by nnU-Net: remove them
     for folder in (images_dir, labels_dir):
