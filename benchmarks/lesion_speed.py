@@ -23,7 +23,7 @@ Measured on 2 cores (idle), with the defaults (the ``configs/lesion_synthetic.ya
 sliding-window inference of a 64^3 volume took 0.80 s with 4 windows per pass against 1.24 s with 2 and
 1.01 s with 8 (1.04 s against 1.33 s with four levels), so 4 is the default ``sw_batch_size``.
 
-Compiled training steps, three runs back to back on another (busier) 2-core machine, 2026-12-06
+Compiled training steps, three runs back to back on a faster 2-core machine (2026-12-06)
 (``--runs 15`` once, ``--runs 25`` twice): 0.204 s against 0.223 s, 0.212 s against 0.236 s and 0.232 s against
 0.229 s uncompiled (ratios 0.91, 0.90, 1.01). A tenth off at best, and not reliably, so
 ``configs/lesion_synthetic.yaml`` leaves ``compile`` off.
