@@ -5,8 +5,9 @@ Usage::
     python docs/benchmarks/lesion_strata_1212/missed_contrast.py RUN_OR_MODEL DATASET
 
 A lesion (26-connected component of the reference) is missed when its peak predicted probability is under
-the model's threshold. Its contrast-to-noise ratio is the mean of the z-scored image over the lesion minus
-the mean over a ring 2-3 voxels around it (other lesions excluded), over the ring's standard deviation.
+the model's threshold. Its contrast-to-noise ratio is the mean of the normalised image over the lesion minus
+the mean over a ring 2-3 voxels around it (other lesions excluded), over the ring's standard deviation
+(the image normalised as the model normalises it: z-scored for the current config).
 Low-contrast cases are those whose ``lesion_contrast`` attribute is ``low`` (see ``strata.py``).
 """
 
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> None:
         channels, label = case.load()
         ref = label.array > 0
         prob = predictor.predict_probabilities(channels).array
-        image = normalize_channels([channels[0].array], normalization="zscore")[0]
+        image = normalize_channels([channels[0].array], normalization=predictor.normalization)[0]
         components, n = ndi.label(ref, np.ones((3, 3, 3)))
         for k in range(1, n + 1):
             lesion = components == k

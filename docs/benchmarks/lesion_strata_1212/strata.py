@@ -41,17 +41,23 @@ def case_attributes(dataset: Path) -> dict[str, dict]:
     return out
 
 
+def low_contrast(a: dict) -> bool:
+    return a["lesion_contrast"] == "low"
+
+
+def thick_slices(a: dict) -> bool:
+    return a["acquisition"]["slice_thickness"] > 1.0
+
+
 STRATA = {
-    "low lesion contrast": lambda a: a["lesion_contrast"] == "low",
-    "normal lesion contrast": lambda a: a["lesion_contrast"] == "normal",
-    "thick slices": lambda a: a["acquisition"]["slice_thickness"] > 1.0,
-    "no thick slices": lambda a: a["acquisition"]["slice_thickness"] == 1.0,
+    "low lesion contrast": low_contrast,
+    "normal lesion contrast": lambda a: not low_contrast(a),
+    "thick slices": thick_slices,
+    "no thick slices": lambda a: not thick_slices(a),
     "lesion volume < 100 voxels": lambda a: a["voxels"] < 100,
     "lesion volume >= 100 voxels": lambda a: a["voxels"] >= 100,
-    "normal contrast, no thick slices": lambda a: (a["lesion_contrast"] == "normal"
-                                                    and a["acquisition"]["slice_thickness"] == 1.0),
-    "low contrast and thick slices": lambda a: (a["lesion_contrast"] == "low"
-                                                and a["acquisition"]["slice_thickness"] > 1.0),
+    "normal contrast, no thick slices": lambda a: not low_contrast(a) and not thick_slices(a),
+    "low contrast and thick slices": lambda a: low_contrast(a) and thick_slices(a),
     "all": lambda a: True,
 }
 

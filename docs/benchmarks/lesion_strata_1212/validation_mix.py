@@ -5,8 +5,8 @@ Usage::
     python docs/benchmarks/lesion_strata_1212/validation_mix.py data/test1212 ../lesion_hardneg_5719/test_report_hardneg.csv
 
 Cells: lesion contrast (low / normal) x simulated thick slices (yes / no). The per-cell mean held-out Dice
-of the given report, averaged over a seed's 24 validation cases (the same case ids for every seed: split
-seed 0), is that seed's predicted validation Dice; the observed ones are the dice_bce rows of the README's
+of the given report, averaged over a seed's 24 validation cases (the same case ids for every 120-case seed:
+split seed 0, taken here from the held-out dataset's case ids), is that seed's predicted validation Dice; the observed ones are the dice_bce rows of the README's
 fresh-seed table.
 """
 
@@ -17,20 +17,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from strata import case_attributes
+from strata import case_attributes, low_contrast, thick_slices
 
+from irisseg.data.datasets import split
 from irisseg.data.synthetic import case_seed, generate_case
 
 OBSERVED = {2468: 0.719, 3690: 0.783, 1357: 0.592, 4826: 0.660, 5719: 0.662, 8219: 0.692, 9517: 0.770,
             6733: 0.768}
-VALIDATION = ["case_0007", "case_0014", "case_0029", "case_0031", "case_0033", "case_0038", "case_0041",
-              "case_0048", "case_0054", "case_0056", "case_0058", "case_0059", "case_0063", "case_0069",
-              "case_0073", "case_0076", "case_0077", "case_0078", "case_0079", "case_0095", "case_0103",
-              "case_0106", "case_0108", "case_0119"]
-
-
 def cell(attributes: dict) -> tuple[bool, bool]:
-    return attributes["lesion_contrast"] == "low", attributes["acquisition"]["slice_thickness"] > 1.0
+    return low_contrast(attributes), thick_slices(attributes)
 
 
 def main(argv: list[str]) -> None:
@@ -40,10 +35,11 @@ def main(argv: list[str]) -> None:
     dice = {}
     for key in ((False, False), (False, True), (True, False), (True, True)):
         dice[key] = np.mean([float(r["dice"]) for r in rows if cell(attributes[r["case"]]) == key])
+    validation = split(sorted(attributes), (0.8, 0.2, 0.0), seed=0)["val"]  # as `lesion train` splits 120 cases
     predicted = []
     for seed, observed in OBSERVED.items():
         cells = [cell(generate_case("lesion", 64, case_seed(seed, int(c.split("_")[1]))).attributes)
-                 for c in VALIDATION]
+                 for c in validation]
         predicted.append(np.mean([dice[c] for c in cells]))
         print(f"seed {seed}: {sum(not a and not b for a, b in cells)} clear validation cases, "
               f"predicted {predicted[-1]:.3f}, observed {observed:.3f}")

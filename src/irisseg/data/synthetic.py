@@ -826,31 +826,31 @@ def _render(rng: np.random.Generator, tissue: np.ndarray, means: np.ndarray, std
         image += texture[tissue] * smooth_noise(rng, shape, rng.uniform(0.8, 2.5))
     if gain is not None:
         image *= gain
-    bias = float(rng.uniform(0.0, 0.35))
+    # what was applied, set where it is applied (for ``record``)
+    drawn = {"bias_field": 0.0, "blur_sigma": [0.0, 0.0, 0.0], "slice_axis": "xyz"[2 - slice_axis],
+             "slice_thickness": 1.0, "noise_std": 0.0}
+    bias = rng.uniform(0.0, 0.35)
     if bias > 0.02:
         image *= np.exp(np.float32(bias) * smooth_noise(rng, shape, min(shape) / rng.uniform(2.0, 4.0)))
+        drawn["bias_field"] = round(float(bias), 4)
     blur = rng.uniform(0.0, 1.0, 3)
-    blurred = bool(blur.max() > 0.3)
-    if blurred:
+    if blur.max() > 0.3:
         image = ndi.gaussian_filter(image, sigma=tuple(blur), mode="nearest", truncate=3.0)
-    thickness = 1.0
+        drawn["blur_sigma"] = [round(float(b), 3) for b in reversed(blur)]  # array axes (z, y, x) -> x, y, z
     if rng.random() < thick_slice:
         factor = min(max(ratio * rng.uniform(0.8, 1.5), 1.5), 4.0, shape[slice_axis] / 6)
         if factor > 1.2:
             image = _simulate_thick_slices(image, slice_axis, factor)
-            thickness = float(factor)
-    noise = float(rng.uniform(0.0, 0.04))
+            drawn["slice_thickness"] = round(float(factor), 3)
+    noise = rng.uniform(0.0, 0.04)
     if noise > 0.002:
         image = image + np.float32(noise) * rng.standard_normal(shape, dtype=np.float32)
+        drawn["noise_std"] = round(float(noise), 4)
     lo, hi = np.percentile(image, [0.1, 99.9])
     image = np.clip((image - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
     gamma = math.exp(rng.normal(0.0, 0.3))
     if record is not None:
-        record.update({
-            "bias_field": round(bias if bias > 0.02 else 0.0, 4),
-            "blur_sigma": [round(float(b), 3) for b in reversed(blur)] if blurred else [0.0, 0.0, 0.0],
-            "slice_axis": "xyz"[2 - slice_axis], "slice_thickness": round(thickness, 3),
-            "noise_std": round(noise if noise > 0.002 else 0.0, 4), "gamma": round(gamma, 4)})
+        record.update(drawn, gamma=round(gamma, 4))
     return np.power(image, np.float32(gamma), dtype=np.float32)
 
 
