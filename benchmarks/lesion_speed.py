@@ -13,7 +13,8 @@ What is measured (median wall time of ``--runs`` calls after two warm-up calls, 
   (the residual blocks turn activations channels-last either way), once with the weights and input
   converted to ``channels_last_3d`` as well, and once compiled (``torch.compile``, as ``compile: true``);
 * sliding-window inference (:func:`irisseg.lesion.sliding_window_logits`, Gaussian weighting, overlap 0.5)
-  of one ``--volume``^3 volume with ``--patch``^3 windows, for several ``sw_batch_size`` values.
+  of one ``--volume``^3 volume with ``--patch``^3 windows, for several ``sw_batch_size`` values, in float32
+  and under bf16 autocast (``--precisions``; bf16 is emulated, and slow, on CPUs without AMX).
 
 Run it on an idle machine: the numbers are wall times and move with any other load.
 
@@ -71,13 +72,15 @@ def train_step_seconds(channels, patch: int, batch: int, loss: str, variant: str
     return median_seconds(step, runs, warmup=2)
 
 
-def inference_seconds(channels, patch: int, volume: int, sw_batch_size: int, runs: int) -> float:
-    """Median seconds of Gaussian sliding-window inference of one ``volume``^3 volume."""
+def inference_seconds(channels, patch: int, volume: int, sw_batch_size: int, runs: int, precision: str) -> float:
+    """Median seconds of Gaussian sliding-window inference of one ``volume``^3 volume in ``precision``
+    (``fp32`` or ``bf16``)."""
     torch.manual_seed(0)
     model = ResidualUNet(UNetConfig(in_channels=1, out_channels=1, channels=channels, deep_supervision=True))
     image = torch.randn(1, 1, volume, volume, volume)
     return median_seconds(lambda: sliding_window_logits(model, image, (patch,) * 3, 0.5,
-                                                        sw_batch_size=sw_batch_size), runs, warmup=2)
+                                                        sw_batch_size=sw_batch_size, precision=precision),
+                          runs, warmup=2)
 
 
 def main(argv=None) -> None:
@@ -88,6 +91,7 @@ def main(argv=None) -> None:
     parser.add_argument("--volume", type=int, default=64, help="side of the predicted volume (voxels)")
     parser.add_argument("--loss", default="dice_bce", help="dice_bce | tversky | focal_dice")
     parser.add_argument("--sw-batch", default="2,4,8", help="sliding-window batch sizes to time")
+    parser.add_argument("--precisions", default="fp32,bf16", help="sliding-window precisions to time")
     parser.add_argument("--runs", type=int, default=7, help="timed calls per row (after 2 warm-up calls)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -104,11 +108,12 @@ def main(argv=None) -> None:
         print(f"| training step ({args.batch} x {args.patch}^3, {args.loss}) | {variant} | {s:.3f} | {s / base:.2f} |",
               flush=True)
     base = None
-    for sw in (int(v) for v in args.sw_batch.split(",")):
-        s = inference_seconds(channels, args.patch, args.volume, sw, args.runs)
-        base = base or s
-        print(f"| sliding window ({args.volume}^3 in {args.patch}^3 windows) | sw_batch_size {sw} | {s:.3f} | "
-              f"{s / base:.2f} |", flush=True)
+    for precision in args.precisions.split(","):
+        for sw in (int(v) for v in args.sw_batch.split(",")):
+            s = inference_seconds(channels, args.patch, args.volume, sw, args.runs, precision)
+            base = base or s
+            print(f"| sliding window ({args.volume}^3 in {args.patch}^3 windows) | sw_batch_size {sw}, {precision} | "
+                  f"{s:.3f} | {s / base:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -78,14 +78,35 @@ def test_sliding_window_equals_whole_volume_prediction_when_the_volume_fits():
     image = torch.randn(1, 2, 16, 16, 16)
     with torch.no_grad():
         whole = model(image)
-    window = sliding_window_logits(model, image, (16, 16, 16), overlap=0.5)
+    window = sliding_window_logits(model, image, (16, 16, 16), overlap=0.5, precision="fp32")
     torch.testing.assert_close(window, whole, atol=1e-5, rtol=1e-5)
+    # bf16 autocast (emulated where the CPU lacks it): float32 logits of the same shape, close to float32's
+    half = sliding_window_logits(model, image, (16, 16, 16), overlap=0.5, precision="bf16")
+    assert half.dtype == torch.float32 and half.shape == whole.shape and not torch.equal(half, whole)
+    torch.testing.assert_close(half, whole, atol=0.05 * float(whole.abs().max()), rtol=0)
     # A volume smaller than the window is padded and cropped back: same shape as the input.
     small = sliding_window_logits(model, torch.randn(1, 2, 10, 13, 7), (16, 16, 16))
     assert small.shape == (1, 1, 10, 13, 7)
     # Larger than the window: many windows, the output covers the volume.
     big = sliding_window_logits(model, torch.randn(1, 2, 30, 20, 18), (16, 16, 16), overlap=0.25)
     assert big.shape == (1, 1, 30, 20, 18) and torch.isfinite(big).all()
+
+
+def test_inference_precision_auto_uses_bf16_only_where_it_is_native(monkeypatch):
+    import irisseg.models.blocks as blocks
+
+    def dtype_under(device, precision):
+        with blocks.inference_autocast(device, precision):
+            return torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype
+
+    assert dtype_under("cpu", "fp32") == torch.float32 and dtype_under("cpu", "bf16") == torch.bfloat16
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(blocks, "cpu_has_native_bf16", lambda native=native: native)
+        assert dtype_under("cpu", "auto") == expected
+    with pytest.raises(InputError, match="precision must be one of auto, fp32, bf16, got 'half'"):
+        blocks.inference_autocast("cpu", "half")
+    with pytest.raises(InputError, match="precision"):
+        LesionTrainConfig(inference_precision="fp16")
 
 
 def test_normalisation_is_per_channel_over_the_body():

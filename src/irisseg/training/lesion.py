@@ -112,6 +112,10 @@ class LesionTrainConfig(YamlConfig):
         off. The centres are kept in the checkpoint, so ``--resume`` continues with them.
       hard_negative_cases: training cases predicted per epoch for the mining (each takes about as long as
         one validation case).
+      inference_precision: precision of the whole-volume predictions during training (validation, mining)
+        and of the ablation's scoring: ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16, i.e.
+        AMX; float32 elsewhere), ``fp32`` or ``bf16`` (:func:`irisseg.models.blocks.inference_autocast`).
+        Training steps themselves are float32 on the CPU and bf16 autocast on CUDA whatever it says.
       compile: compile the network's training steps with ``torch.compile``
         (:meth:`~irisseg.training.engine.AnnealedModule.train_forward`; falls back to the plain network
         with a warning where compiling is not possible).
@@ -152,6 +156,7 @@ class LesionTrainConfig(YamlConfig):
     target_spacing: str | tuple[float, float, float] | None = None
     hard_negative_fraction: float = 0.0
     hard_negative_cases: int = 8
+    inference_precision: str = "auto"
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -183,6 +188,9 @@ class LesionTrainConfig(YamlConfig):
                 raise InputError(f"target_spacing must be null, 'median' or 3 positive numbers [x, y, z] in mm, "
                                  f"got {self.target_spacing!r}")
             self.target_spacing = values
+        from irisseg.models.blocks import check_precision
+
+        check_precision(self.inference_precision)
         if self.hard_negative_cases < 1:
             raise InputError(f"hard_negative_cases must be >= 1, got {self.hard_negative_cases}")
         self.augmentation = dict(self.augmentation or {})
@@ -323,7 +331,7 @@ class LesionLightning(AnnealedModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         case = self.val_cases[int(batch["index"])]
         logits = sliding_window_logits(self.eval_model, batch["image"].cpu(), (self.cfg.patch,) * 3, self.cfg.overlap,
-                                       device=self.device)
+                                       device=self.device, precision=self.cfg.inference_precision)
         label = batch["label"].cpu()
         pred = (torch.sigmoid(logits) > self.cfg.threshold)[0, 0].numpy()
         row = case_metrics(pred, case.label, case.spacing_zyx)
@@ -388,7 +396,8 @@ class _HardNegativeMiner(L.Callback):
             self.visited += 1
             case = self.cases[index]
             logits = sliding_window_logits(module.eval_model, torch.from_numpy(case.image)[None],
-                                           (self.cfg.patch,) * 3, self.cfg.overlap, device=module.device)
+                                           (self.cfg.patch,) * 3, self.cfg.overlap, device=module.device,
+                                           precision=self.cfg.inference_precision)
             prob = torch.sigmoid(logits)[0, 0].numpy()
             self.patches.set_hard_negatives(index, false_positive_centres(prob, case.label, self.cfg.threshold))
 
@@ -509,7 +518,7 @@ ABLATION_TEST_COLUMNS = ("test_dice", "test_iou", "test_lesion_recall", "test_le
 
 
 def _score_best_model(run: Path, data: str | Path, report: Path, case_ids: list[str] | None, tta: bool,
-                      reuse: bool, device: str) -> dict:
+                      reuse: bool, device: str, precision: str) -> dict:
     """Score ``run/best`` on cases of ``data``, writing the per-case ``report`` (then mean and median rows).
 
     With ``reuse`` an existing report newer than the best weights is read back rather than predicted again.
@@ -521,7 +530,7 @@ def _score_best_model(run: Path, data: str | Path, report: Path, case_ids: list[
 
     weights = run / "best" / "model.safetensors"
     if not (reuse and report.is_file() and report.stat().st_mtime_ns >= weights.stat().st_mtime_ns):
-        rows = evaluate_dataset(LesionPredictor(run, device=device, tta=tta), data, case_ids)
+        rows = evaluate_dataset(LesionPredictor(run, device=device, tta=tta, precision=precision), data, case_ids)
         tmp = report.with_suffix(".csv.tmp")
         write_csv(tmp, [*rows, *summary_rows(rows)], float_digits=6)
         tmp.replace(report)
@@ -530,7 +539,7 @@ def _score_best_model(run: Path, data: str | Path, report: Path, case_ids: list[
     return metric_summary(cases)
 
 
-def tta_validation(run: str | Path, data: str | Path, device: str = "cpu") -> dict:
+def tta_validation(run: str | Path, data: str | Path, device: str = "cpu", precision: str = "auto") -> dict:
     """Score a finished run's best model on its validation split with mirror test-time augmentation.
 
     nnU-Net validates its final model this way. The per-case report is cached in
@@ -540,7 +549,8 @@ def tta_validation(run: str | Path, data: str | Path, device: str = "cpu") -> di
     Arguments:
       run (str | Path): a lesion run folder (``best/``, ``splits.json``).
       data (str | Path): the dataset the run was trained on.
-      device: ``cpu``, ``cuda`` or ``auto``.
+      device: ``cpu``, ``cuda`` or ``auto``. precision: ``auto``, ``fp32`` or ``bf16``
+        (:class:`~irisseg.lesion.LesionPredictor`).
 
     Returns:
       dict: ``tta_val_<metric>`` for the metrics of :data:`ABLATION_TTA_COLUMNS`: the mean over the
@@ -548,11 +558,12 @@ def tta_validation(run: str | Path, data: str | Path, device: str = "cpu") -> di
     """
     run = Path(run)
     val_ids = json.loads((run / "splits.json").read_text())["val"]
-    scores = _score_best_model(run, data, run / "val_tta.csv", val_ids, tta=True, reuse=True, device=device)
+    scores = _score_best_model(run, data, run / "val_tta.csv", val_ids, tta=True, reuse=True, device=device,
+                               precision=precision)
     return {f"tta_val_{k}": v for k, v in scores.items()}
 
 
-def heldout_scores(run: str | Path, test_data: str | Path, device: str = "cpu") -> dict:
+def heldout_scores(run: str | Path, test_data: str | Path, device: str = "cpu", precision: str = "auto") -> dict:
     """Score a finished run's best model on a held-out labelled dataset (no test-time augmentation).
 
     The best epoch is picked on the validation cases, so its validation Dice is biased upwards, and the
@@ -564,14 +575,16 @@ def heldout_scores(run: str | Path, test_data: str | Path, device: str = "cpu") 
       run (str | Path): a lesion run folder (``best/``).
       test_data (str | Path): nnU-Net-style dataset folder; all its labelled cases (``labelsTr`` and
         ``labelsTs``) are scored, so it must not share cases with the training data.
-      device: ``cpu``, ``cuda`` or ``auto``.
+      device: ``cpu``, ``cuda`` or ``auto``. precision: ``auto``, ``fp32`` or ``bf16``
+        (:class:`~irisseg.lesion.LesionPredictor`).
 
     Returns:
       dict: ``test_<metric>`` for the metrics of :data:`ABLATION_TEST_COLUMNS`: the mean over the cases,
       except HD95 (mm), the median over them.
     """
     run = Path(run)
-    scores = _score_best_model(run, test_data, run / "test_report.csv", None, tta=False, reuse=False, device=device)
+    scores = _score_best_model(run, test_data, run / "test_report.csv", None, tta=False, reuse=False, device=device,
+                               precision=precision)
     return {f"test_{k}": v for k, v in scores.items()}
 
 
@@ -646,9 +659,9 @@ def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], o
                      "minutes": history[-1]["seconds"] / 60.0, **{k: best.get(k, float("nan"))
                                                                   for k in ABLATION_COLUMNS[4:]}})
         if tta:
-            rows[-1].update(tta_validation(run, data, device=device))
+            rows[-1].update(tta_validation(run, data, device=device, precision=cfg.inference_precision))
         if test_data is not None:
-            rows[-1].update(heldout_scores(run, test_data, device=device))
+            rows[-1].update(heldout_scores(run, test_data, device=device, precision=cfg.inference_precision))
         curves[loss] = history
     columns = (*ABLATION_COLUMNS, *(ABLATION_TTA_COLUMNS if tta else ()),
                *(ABLATION_TEST_COLUMNS if test_data is not None else ()))
@@ -675,11 +688,11 @@ def ablate_losses(cfg: LesionTrainConfig, data: str | Path, losses: list[str], o
         notes += ["test: held-out cases"] if test_data is not None else []
         bar_chart(bars, out / png, ylabel=label, ylim=(0, 1),
                   title=f"{label[0].upper()}{label[1:]} at each loss's best epoch ({'; '.join(notes)})")
-    _ablation_overlays(data, losses, out, n_overlays, device)
+    _ablation_overlays(data, losses, out, n_overlays, device, cfg.inference_precision)
     return rows
 
 
-def _ablation_overlays(data, losses: list[str], out: Path, n: int, device: str) -> None:
+def _ablation_overlays(data, losses: list[str], out: Path, n: int, device: str, precision: str) -> None:
     """``overlay_<case>.png``: the first ``n`` validation cases, reference and each loss's best-model prediction."""
     from irisseg.data.datasets import load_dataset
     from irisseg.lesion import LesionPredictor
@@ -689,7 +702,7 @@ def _ablation_overlays(data, losses: list[str], out: Path, n: int, device: str) 
         return
     val_ids = json.loads((out / losses[0] / "splits.json").read_text())["val"][:n]
     by_id = {c.case_id: c for c in load_dataset(data).cases}
-    predictors = {loss: LesionPredictor(out / loss, device=device) for loss in losses}
+    predictors = {loss: LesionPredictor(out / loss, device=device, precision=precision) for loss in losses}
     for case_id in val_ids:
         case = by_id[case_id]
         channels, label = case.load()
