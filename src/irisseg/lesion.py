@@ -102,8 +102,8 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, patch: Se
       device: where the model runs (windows are moved there; the result is gathered on the CPU).
       precision (str): ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16, float32 elsewhere),
         ``fp32`` or ``bf16`` (:func:`irisseg.models.blocks.inference_autocast`). On 120 held-out synthetic
-        cases bf16 left the mean Dice unchanged (0.717, paired difference under 0.001) and took 0.22 s a
-        64^3 case against 0.40 s (docs/benchmarks/lesion_bf16_1212/).
+        cases bf16 left the mean Dice unchanged (0.717, paired difference under 0.001) and took 0.20 s a
+        64^3 case against 0.39 s (docs/benchmarks/lesion_bf16_1212/).
 
     Returns:
       torch.Tensor: float32 logits (1, 1, D, H, W) on the CPU.
