@@ -444,6 +444,9 @@ def _retrieved_supports(seg, retrieval, volume, query_path: Path, label: str, sh
 
 #: File endings that name a file irisseg cannot write a volume to; ``--out`` with one of them is refused
 #: rather than made into a folder of that name.
+#: --precision of the lesion commands that predict (irisseg.models.blocks.inference_autocast).
+_PRECISION_HELP = ("auto | fp32 | bf16: auto predicts under bf16 autocast on CUDA and on CPUs with native bf16 (AMX; "
+                   "about 2x faster, Dice unchanged on synthetic lesions), float32 elsewhere.")
 _OTHER_FILE_ENDINGS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".csv", ".json", ".txt", ".yaml",
                        ".yml", ".npy", ".npz", ".pt", ".pth", ".pkl", ".h5", ".hdf5", ".safetensors", ".dcm", ".gz",
                        ".zip")
@@ -855,7 +858,7 @@ def lesion_predict(
     threshold: Annotated[float | None, typer.Option("--threshold", help="Probability threshold (default: the model's, 0.5).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (8 flipped passes averaged, 8x slower).")] = False,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "cpu",
-    precision: Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16: auto predicts under bf16 autocast on CUDA and on CPUs with native bf16 (AMX; about 2x faster, Dice unchanged on synthetic lesions), float32 elsewhere.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help=_PRECISION_HELP)] = "auto",
 ) -> None:
     """Segment lesions in whole volumes by sliding-window inference.
 
@@ -902,7 +905,7 @@ def lesion_evaluate(
     split: Annotated[str, typer.Option("--split", help="all | train | val: with val or train, only that part of the run's splits.json.")] = "all",
     tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (8 flipped passes averaged).")] = False,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "cpu",
-    precision: Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16: auto predicts under bf16 autocast on CUDA and on CPUs with native bf16 (AMX; about 2x faster, Dice unchanged on synthetic lesions), float32 elsewhere.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help=_PRECISION_HELP)] = "auto",
 ) -> None:
     """Predict every labelled case of a dataset and write Dice, IoU, lesion recall / precision / F1 and HD95 (mm).
 
