@@ -12,6 +12,8 @@ What is measured (median wall time of ``--runs`` calls after two warm-up calls, 
   deep-supervision output, backward and an AdamW step; once with the weights in their default layout
   (the residual blocks turn activations channels-last either way), once with the weights and input
   converted to ``channels_last_3d`` as well, and once compiled (``torch.compile``, as ``compile: true``);
+  the plain and the compiled step again under bf16 autocast (``train_precision: bf16``; float32 weights,
+  gradients and loss, as Lightning's ``bf16-mixed``);
 * sliding-window inference (:func:`irisseg.lesion.sliding_window_logits`, Gaussian weighting, overlap 0.5)
   of one ``--volume``^3 volume with ``--patch``^3 windows, for several ``sw_batch_size`` values, in float32
   and under bf16 autocast (``--precisions``; bf16 is emulated, and slow, on CPUs without AMX).
@@ -48,14 +50,16 @@ from irisseg.losses import deep_supervision_loss
 from irisseg.models.unet import ResidualUNet, UNetConfig
 from irisseg.training.lesion import LesionTrainConfig, make_loss
 
-#: Training-step variants timed: the weights' default layout, channels-last weights and input, and the
-#: network compiled with ``torch.compile`` as the trainer does with ``compile: true`` (default layout).
-STEP_VARIANTS = ("contiguous", "channels_last_3d", "torch.compile")
+#: Training-step variants timed: the weights' default layout, channels-last weights and input, the
+#: network compiled with ``torch.compile`` as the trainer does with ``compile: true`` (default layout), and
+#: the plain and the compiled network under bf16 autocast.
+STEP_VARIANTS = ("contiguous", "channels_last_3d", "torch.compile", "contiguous, bf16", "torch.compile, bf16")
 
 
 def train_step_seconds(channels, patch: int, batch: int, loss: str, variant: str, runs: int) -> float:
     """Median seconds of one training step (forward, loss over every output, backward, AdamW); ``variant``
-    is one of :data:`STEP_VARIANTS` (the compile itself happens in the untimed warm-up calls)."""
+    is one of :data:`STEP_VARIANTS` (the compile itself happens in the untimed warm-up calls; under bf16
+    autocast the loss is computed in float32 from the bf16 outputs, as the trainer's losses do)."""
     torch.manual_seed(0)
     model = ResidualUNet(UNetConfig(in_channels=1, out_channels=1, channels=channels, deep_supervision=True))
     x = torch.randn(batch, 1, patch, patch, patch)
@@ -63,13 +67,15 @@ def train_step_seconds(channels, patch: int, batch: int, loss: str, variant: str
     if variant == "channels_last_3d":
         model = model.to(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    net = torch.compile(model, dynamic=False) if variant == "torch.compile" else model
+    net = torch.compile(model, dynamic=False) if variant.startswith("torch.compile") else model
+    bf16 = variant.endswith("bf16")
     loss_fn = make_loss(LesionTrainConfig(loss=loss))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
 
     def step():
-        out = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = net(x)
         value = deep_supervision_loss(loss_fn, out, y) if isinstance(out, (list, tuple)) else loss_fn(out, y)
         opt.zero_grad(set_to_none=True)
         value.backward()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 
@@ -299,12 +300,13 @@ class _FakeCompiled:
     C++ compiler would."""
 
     def __init__(self, module, fail: bool):
-        self.module, self.fail, self.calls = module, fail, 0
+        self.module, self.fail, self.calls, self.bf16 = module, fail, 0, []
 
     def __call__(self, x):
         if self.fail:
             raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
         self.calls += 1
+        self.bf16.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         return self.module(x)
 
 
@@ -318,10 +320,11 @@ def test_compiled_training_steps_train_the_exported_network_and_fall_back_when_c
             return made[-1]
         return compile_
 
-    cfg = LesionTrainConfig(**{**TINY, "epochs": 1, "steps_per_epoch": 3, "compile": True})
+    # float32 steps on both sides (``auto`` would pick bf16 for the compiled steps on a CPU with AMX)
+    cfg = LesionTrainConfig(**{**TINY, "epochs": 1, "steps_per_epoch": 3, "compile": True, "train_precision": "fp32"})
     monkeypatch.setattr(torch, "compile", fake_compile(False))
     run = train_lesion(cfg, dataset, tmp_path / "compiled", device="cpu", progress=False)
-    assert len(made) == 1 and made[0].calls == 3  # every training step, compiled once
+    assert len(made) == 1 and made[0].calls == 3 and not any(made[0].bf16)  # every step, compiled once
     plain = train_lesion(LesionTrainConfig(**{**TINY, "epochs": 1, "steps_per_epoch": 3}), dataset,
                          tmp_path / "plain", device="cpu", progress=False)
     compiled_weights, plain_weights = ResidualUNet.load(run / "last").state_dict(), ResidualUNet.load(plain / "last").state_dict()
@@ -335,6 +338,38 @@ def test_compiled_training_steps_train_the_exported_network_and_fall_back_when_c
         fallback = train_lesion(cfg, dataset, tmp_path / "fallback", device="cpu", progress=False)
     assert len(made) == 1  # not retried at every step
     assert [r["step"] for r in read_metrics_csv(fallback / "metrics.csv")] == [3]
+
+
+def test_train_precision_runs_bf16_steps_only_where_asked_or_fast(tmp_path, dataset, monkeypatch):
+    import irisseg.models.blocks as blocks
+    from irisseg.training.engine import training_precision
+
+    for native in (True, False):
+        monkeypatch.setattr(blocks, "cpu_has_native_bf16", lambda native=native: native)
+        # auto: bf16 on CUDA; on the CPU only for compiled steps on native bf16 (eager bf16 steps are slower)
+        assert training_precision("cpu", "auto", compiled=True) == ("bf16-mixed" if native else "32-true")
+        assert training_precision("cpu", "auto", compiled=False) == "32-true"
+        assert training_precision("cuda", "auto") == "bf16-mixed"
+        assert training_precision("cuda", "fp32") == "32-true"
+        assert training_precision("cpu", "bf16") == "bf16-mixed"
+    with pytest.raises(InputError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        LesionTrainConfig(train_precision="fp16")
+
+    made = []
+
+    def compile_(module, **kwargs):
+        made.append(_FakeCompiled(module, False))
+        return made[-1]
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(blocks, "cpu_has_native_bf16", lambda: True)
+    cfg = LesionTrainConfig(**{**TINY, "epochs": 1, "steps_per_epoch": 3, "compile": True})
+    run = train_lesion(cfg, dataset, tmp_path / "bf16", device="cpu", progress=False)
+    assert made[0].calls == 3 and all(made[0].bf16)  # every step under bf16 autocast
+    (row,) = read_metrics_csv(run / "metrics.csv")
+    assert math.isfinite(row["train_loss"]) and 0.0 <= row["val_dice"] <= 1.0
+    weights = ResidualUNet.load(run / "last").state_dict()
+    assert all(w.dtype == torch.float32 for w in weights.values())  # mixed precision: float32 weights
 
 
 def test_real_torch_compile_matches_the_plain_network():

@@ -115,7 +115,9 @@ class LesionTrainConfig(YamlConfig):
       inference_precision: precision of the whole-volume predictions during training (validation, mining)
         and of the ablation's scoring: ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16, i.e.
         AMX; float32 elsewhere), ``fp32`` or ``bf16`` (:func:`irisseg.models.blocks.inference_autocast`).
-        Training steps themselves are float32 on the CPU and bf16 autocast on CUDA whatever it says.
+      train_precision: precision of the training steps: ``auto`` (bf16 autocast on CUDA, and on CPUs with
+        native bf16 when ``compile`` is on; float32 elsewhere), ``fp32`` or ``bf16``
+        (:func:`irisseg.training.engine.training_precision`). Weights, gradients and losses stay float32.
       compile: compile the network's training steps with ``torch.compile``
         (:meth:`~irisseg.training.engine.AnnealedModule.train_forward`; falls back to the plain network
         with a warning where compiling is not possible).
@@ -157,6 +159,7 @@ class LesionTrainConfig(YamlConfig):
     hard_negative_fraction: float = 0.0
     hard_negative_cases: int = 8
     inference_precision: str = "auto"
+    train_precision: str = "auto"
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -191,6 +194,7 @@ class LesionTrainConfig(YamlConfig):
         from irisseg.models.blocks import check_precision
 
         check_precision(self.inference_precision)
+        check_precision(self.train_precision)
         if self.hard_negative_cases < 1:
             raise InputError(f"hard_negative_cases must be >= 1, got {self.hard_negative_cases}")
         self.augmentation = dict(self.augmentation or {})
@@ -441,7 +445,7 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
       out (str | Path): run folder: ``best/``, ``last/`` (model folders), ``metrics.csv``, ``splits.json``,
         ``train_config.yaml``, ``logs/`` (CSV, TensorBoard), ``checkpoints/last.ckpt``.
       resume (bool): continue from ``out/checkpoints/last.ckpt`` with the same split.
-      device: ``cpu``, ``cuda`` or ``auto`` (bf16 autocast on CUDA).
+      device: ``cpu``, ``cuda`` or ``auto`` (the precision of the steps: ``cfg.train_precision``).
       callbacks: extra Lightning callbacks (tests).
 
     Raises:
@@ -496,7 +500,8 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
     trainer = make_trainer(
         out, max_epochs=cfg.epochs, device=device, gradient_clip_val=1.0,
         callbacks=[stop, _PatchEpoch(patches), *miner, RunRecorder(out, METRICS_COLUMNS, "val_dice", lambda e: _model_extra(cfg, {**info, **e})), *(callbacks or [])],
-        progress=progress, max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None)
+        progress=progress, max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
+        precision=cfg.train_precision, compiled=cfg.compile)
     if ckpt:  # the first epoch's patch iterator is made before any hook runs: give it the resumed epoch
         patches.set_epoch(int(torch.load(ckpt, map_location="cpu", weights_only=True).get("epoch", -1)) + 1)
     trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt, weights_only=True)
