@@ -256,9 +256,16 @@ def inference_autocast(device: torch.device | str, precision: str = "auto"):
       InputError: an unknown precision.
     """
     device = torch.device(device)
-    enabled = check_precision(precision) == "bf16" or (
-        precision == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())))
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(device.type, precision))
+
+
+def uses_bf16(device_type: str, precision: str = "auto") -> bool:
+    """Whether ``precision`` (one of :data:`PRECISIONS`) means bf16 autocast on ``device_type`` (``cpu`` or
+    ``cuda``): ``bf16`` always, ``fp32`` never, ``auto`` on CUDA and on CPUs with native bf16
+    (:func:`cpu_has_native_bf16`). InputError for an unknown precision."""
+    if check_precision(precision) == "auto":
+        return device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16())
+    return precision == "bf16"
 
 
 def area_downsample(mask: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:

@@ -272,13 +272,11 @@ def training_precision(accelerator: str, precision: str = "auto", compiled: bool
     Raises:
       InputError: an unknown precision.
     """
-    from irisseg.models.blocks import check_precision, cpu_has_native_bf16
+    from irisseg.models.blocks import uses_bf16
 
-    if check_precision(precision) == "auto":
-        bf16 = accelerator == "cuda" or (accelerator == "cpu" and compiled and cpu_has_native_bf16())
-    else:
-        bf16 = precision == "bf16"
-    return "bf16-mixed" if bf16 else "32-true"
+    if precision == "auto" and accelerator == "cpu" and not compiled:
+        precision = "fp32"
+    return "bf16-mixed" if uses_bf16(accelerator, precision) else "32-true"
 
 
 def make_trainer(
