@@ -117,7 +117,8 @@ class LesionTrainConfig(YamlConfig):
         AMX; float32 elsewhere), ``fp32`` or ``bf16`` (:func:`irisseg.models.blocks.inference_autocast`).
       train_precision: precision of the training steps: ``auto`` (bf16 autocast on CUDA, and on CPUs with
         native bf16 when ``compile`` is on; float32 elsewhere), ``fp32`` or ``bf16``
-        (:func:`irisseg.training.engine.training_precision`). Weights, gradients and losses stay float32.
+        (:func:`irisseg.training.engine.training_precision`; where compiling then fails, the steps run
+        uncompiled, still in bf16). Weights, gradients and losses stay float32.
       compile: compile the network's training steps with ``torch.compile``
         (:meth:`~irisseg.training.engine.AnnealedModule.train_forward`; falls back to the plain network
         with a warning where compiling is not possible).
