@@ -265,8 +265,8 @@ def training_precision(accelerator: str, precision: str = "auto", compiled: bool
       accelerator: ``"cpu"`` or ``"cuda"``.
       precision: ``fp32``, ``bf16`` (wherever it runs, emulated or not) or ``auto``: bf16 on CUDA; on the CPU
         bf16 only where it is native (:func:`irisseg.models.blocks.cpu_has_native_bf16`, AMX) and the steps
-        are compiled (``compiled``). On 2 cores of such a CPU a compiled lesion U-Net step took 0.080 s in
-        bf16 against 0.193 s in float32, while an uncompiled one was slower in bf16 (0.261 s against 0.211 s;
+        are compiled (``compiled``). On 2 cores of such a CPU a compiled lesion U-Net step took 0.087 s in
+        bf16 against 0.162 s in float32, while an uncompiled one was slower in bf16 (0.249 s against 0.191 s;
         ``benchmarks/lesion_speed.py``).
 
     Raises:
