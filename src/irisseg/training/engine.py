@@ -303,9 +303,8 @@ def make_trainer(
         ``tensorboard/``; resumable ``checkpoints/last.ckpt``).
       max_steps / max_epochs: training length.
       device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-      precision / compiled: precision of the training steps, ``auto``, ``fp32`` or ``bf16``, and whether the
-        module compiles them (:func:`training_precision`); ``auto`` is bf16 autocast on CUDA, float32 on
-        the CPU unless its bf16 is native and the steps are compiled.
+      precision / compiled: precision of the training steps (``auto``, ``fp32`` or ``bf16``) and whether the
+        module compiles them; :func:`training_precision` turns the two into Lightning's precision.
       val_check_interval: validate every this many steps (int) or fraction of an epoch (float).
       checkpoint_every_n_steps: save ``last.ckpt`` every this many steps (default: at each validation/epoch).
       gradient_clip_val: gradient-norm clipping (1.0 by default).
