@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/lesion_speed.py                                   # the configs/lesion_synthetic.yaml net
     python benchmarks/lesion_speed.py --channels 16,32,64,128 --runs 9 --threads 2  # the earlier 4-level net
+    python benchmarks/lesion_speed.py --blocks-per-level 2                      # two residual blocks per level
 
 What is measured (median wall time of ``--runs`` calls after two warm-up calls, random weights and inputs):
 
@@ -41,6 +42,10 @@ With bf16 training steps (``--runs 9 --sw-batch 4``, the same kind of machine, i
 under bf16 autocast against 0.162 s in float32 (ratio 0.54), an uncompiled one 0.249 s against 0.191 s (1.30:
 eager bf16 is slower). So ``train_precision: auto`` uses bf16 on such CPUs only for compiled steps; 30
 minutes then fit 14720 steps against 8643 (``docs/benchmarks/lesion_ablation_5821/``).
+
+Two residual blocks per level (``--blocks-per-level 2 --runs 9 --sw-batch 4 --precisions bf16``, then the
+same without ``--blocks-per-level``, an idle AMX machine): a compiled bf16 step 0.108 s against 0.066 s; the
+30-minute comparison is in ``docs/benchmarks/lesion_fresh_6397/`` (no held-out gain; one block stays).
 """
 
 from __future__ import annotations
@@ -61,12 +66,18 @@ from irisseg.training.lesion import LesionTrainConfig, make_loss
 STEP_VARIANTS = ("contiguous", "channels_last_3d", "torch.compile", "contiguous, bf16", "torch.compile, bf16")
 
 
-def train_step_seconds(channels, patch: int, batch: int, loss: str, variant: str, runs: int) -> float:
+def _unet(channels, blocks: int) -> ResidualUNet:
+    """The timed network: one input and one output channel, deep supervision on, seeded weights."""
+    torch.manual_seed(0)
+    return ResidualUNet(UNetConfig(in_channels=1, out_channels=1, channels=channels, blocks_per_level=blocks,
+                                   deep_supervision=True))
+
+
+def train_step_seconds(channels, patch: int, batch: int, loss: str, variant: str, runs: int, blocks: int = 1) -> float:
     """Median seconds of one training step (forward, loss over every output, backward, AdamW); ``variant``
     is one of :data:`STEP_VARIANTS` (the compile itself happens in the untimed warm-up calls; under bf16
     autocast the loss is computed in float32 from the bf16 outputs, as the trainer's losses do)."""
-    torch.manual_seed(0)
-    model = ResidualUNet(UNetConfig(in_channels=1, out_channels=1, channels=channels, deep_supervision=True))
+    model = _unet(channels, blocks)
     x = torch.randn(batch, 1, patch, patch, patch)
     y = (torch.rand(batch, 1, patch, patch, patch) > 0.95).float()
     if variant == "channels_last_3d":
@@ -89,11 +100,11 @@ def train_step_seconds(channels, patch: int, batch: int, loss: str, variant: str
     return median_seconds(step, runs, warmup=2)
 
 
-def inference_seconds(channels, patch: int, volume: int, sw_batch_size: int, runs: int, precision: str) -> float:
+def inference_seconds(channels, patch: int, volume: int, sw_batch_size: int, runs: int, precision: str,
+                      blocks: int = 1) -> float:
     """Median seconds of Gaussian sliding-window inference of one ``volume``^3 volume in ``precision``
     (``fp32`` or ``bf16``)."""
-    torch.manual_seed(0)
-    model = ResidualUNet(UNetConfig(in_channels=1, out_channels=1, channels=channels, deep_supervision=True))
+    model = _unet(channels, blocks)
     image = torch.randn(1, 1, volume, volume, volume)
     return median_seconds(lambda: sliding_window_logits(model, image, (patch,) * 3, 0.5,
                                                         sw_batch_size=sw_batch_size, precision=precision),
@@ -103,6 +114,7 @@ def inference_seconds(channels, patch: int, volume: int, sw_batch_size: int, run
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--channels", default="16,32,64", help="U-Net widths, finest first")
+    parser.add_argument("--blocks-per-level", type=int, default=1, help="residual blocks per U-Net level")
     parser.add_argument("--patch", type=int, default=32, help="training patch and window side (voxels)")
     parser.add_argument("--batch", type=int, default=4, help="patches per training step")
     parser.add_argument("--volume", type=int, default=64, help="side of the predicted volume (voxels)")
@@ -115,19 +127,20 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     channels = tuple(int(c) for c in args.channels.split(","))
 
-    print(f"lesion U-Net {channels}, {args.threads} threads, median of {args.runs} runs\n")
+    print(f"lesion U-Net {channels} x {args.blocks_per_level} block(s), {args.threads} threads, median of {args.runs} runs\n")
     print("| what | setting | seconds | relative |")
     print("|---|---|---|---|")
     base = None
     for variant in STEP_VARIANTS:
-        s = train_step_seconds(channels, args.patch, args.batch, args.loss, variant, args.runs)
+        s = train_step_seconds(channels, args.patch, args.batch, args.loss, variant, args.runs,
+                               args.blocks_per_level)
         base = base or s
         print(f"| training step ({args.batch} x {args.patch}^3, {args.loss}) | {variant} | {s:.3f} | {s / base:.2f} |",
               flush=True)
     base = None
     for precision in args.precisions.split(","):
         for sw in (int(v) for v in args.sw_batch.split(",")):
-            s = inference_seconds(channels, args.patch, args.volume, sw, args.runs, precision)
+            s = inference_seconds(channels, args.patch, args.volume, sw, args.runs, precision, args.blocks_per_level)
             base = base or s
             print(f"| sliding window ({args.volume}^3 in {args.patch}^3 windows) | sw_batch_size {sw}, {precision} | "
                   f"{s:.3f} | {s / base:.2f} |", flush=True)
