@@ -6,8 +6,8 @@ Usage::
 
 Cells: lesion contrast (low / normal) x simulated thick slices (yes / no). The per-cell mean held-out Dice
 of the given report, averaged over a seed's 24 validation cases (the same case ids for every 120-case seed:
-split seed 0, taken here from the held-out dataset's case ids), is that seed's predicted validation Dice; the observed ones are the dice_bce rows of the README's
-fresh-seed table.
+split seed 0, taken here from the held-out dataset's case ids), is that seed's predicted validation Dice; the observed ones are the dice_bce rows of the
+fresh-seed table in docs/benchmarks/lesion_results.md.
 """
 
 from __future__ import annotations
