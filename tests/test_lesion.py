@@ -205,15 +205,16 @@ def test_a_killed_run_resumes_from_the_last_epoch(tmp_path, dataset):
 
 
 class _Batches(L.Callback):
-    """Record (epoch, case, centre) of every training patch, and every case's hard-negative centres as each
-    epoch starts."""
+    """Record (epoch, case, centre) of every training patch, and every case's hard-negative centres and
+    hard-positive lesions as each epoch starts."""
 
     def __init__(self):
-        self.items, self.pools = [], {}
+        self.items, self.pools, self.lesions = [], {}, {}
 
     def on_train_epoch_start(self, trainer, module):
         samplers = trainer.train_dataloader.dataset.samplers
         self.pools[trainer.current_epoch] = {k: {tuple(c) for c in s.hard_negatives.tolist()} for k, s in enumerate(samplers)}
+        self.lesions[trainer.current_epoch] = {k: s.hard_positives.tolist() for k, s in enumerate(samplers)}
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.items += [(trainer.current_epoch, int(k), tuple(c)) for k, c in zip(batch["case"], batch["centre"].tolist())]
@@ -248,6 +249,28 @@ def test_hard_negative_mining_centres_negatives_on_false_positives_and_resumes_w
     assert resumed.hard_draws(2) == 8  # both cases mined: every patch
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["_HardNegativeMiner"]
     assert state["visited"] == 2  # nothing is mined after the last epoch
+
+
+def test_hard_positive_mining_marks_the_missed_lesions_and_resumes_with_them(tmp_path, dataset):
+    # threshold 0.9999: the barely trained net finds no lesion, so every lesion of a mined case is missed
+    cfg = LesionTrainConfig(**{**TINY, "epochs": 3, "steps_per_epoch": 2, "threshold": 0.9999,
+                               "hard_positive_fraction": 0.5, "hard_negative_cases": 1})
+    assert cfg.patch_config().hard_positive_fraction == 0.5
+    run = tmp_path / "run"
+    seen = _Batches()
+    with pytest.raises(RuntimeError, match="killed"):
+        train_lesion(cfg, dataset, run, device="cpu", progress=False, callbacks=[seen, _CrashAt(2)])
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["_HardNegativeMiner"]
+    assert state["visited"] == 2 and state["centres"] == {}  # mined without hard negatives asked for
+    mined = {int(k): v for k, v in state["lesions"].items()}
+    assert len(mined) == 2  # one case an epoch, every lesion of it
+    assert all(v == list(range(len(v))) and v for v in mined.values())
+    assert {k: v for k, v in seen.lesions[2].items() if v} == mined
+    assert not any(seen.lesions[0].values())
+
+    resumed = _Batches()
+    train_lesion(cfg, dataset, run, resume=True, device="cpu", progress=False, callbacks=[resumed])
+    assert resumed.lesions[2] == seen.lesions[2]  # restored into the resumed epoch's samplers
 
 
 class _Snapshot(L.Callback):

@@ -15,6 +15,7 @@ from irisseg.data.patches import (
     body_mask,
     extract_patch,
     false_positive_centres,
+    missed_components,
     window_start,
 )
 from irisseg.errors import InputError
@@ -302,6 +303,49 @@ def test_hard_negatives_take_their_share_of_negative_draws():
         sampler.set_hard_negatives([[1, 2]])
     with pytest.raises(InputError, match="hard_negative_fraction"):
         PatchConfig(hard_negative_fraction=-0.1)
+
+
+def test_missed_components_are_the_lesions_without_a_predicted_voxel_in_the_samplers_numbering():
+    image, label, body = _brain_case()
+    sampler = PatchSampler(image, label, body, PatchConfig(patch_size=12))
+    # the sampler's components, in scipy's order: 0 = the 12-voxel lesion, 1 = the 1-voxel one, 2 = the 27-voxel one
+    centres = [sampler.lesion_index[sampler.component_offsets[k]] for k in range(3)]
+    assert [np.unravel_index(int(c), label.shape)[0] for c in centres] == [10, 16, 20]
+    prob = np.zeros(label.shape, np.float32)
+    prob[11, 11, 11] = 0.9  # one voxel of lesion 0 is enough
+    prob[16, 24, 16] = 0.5  # lesion 1 at the threshold: not predicted
+    prob[20:23, 18:21, 15:18] = 0.6
+    prob[2, 2, 2] = 0.99  # a false positive finds nothing
+    assert missed_components(prob, label).tolist() == [1]
+    assert missed_components(prob, label, threshold=0.7).tolist() == [1, 2]
+    assert missed_components(prob, label).dtype == np.int64
+    assert missed_components(prob, np.zeros_like(label)).shape == (0,)
+    with pytest.raises(InputError, match="one shape"):
+        missed_components(prob, label[:-1])
+
+
+def test_hard_positives_take_their_share_of_positive_draws():
+    image, label, body = _brain_case()
+    cfg = PatchConfig(patch_size=12, positive_fraction=0.5, hard_positive_fraction=0.6)
+    sampler = PatchSampler(image, label, body, cfg)
+    plain = PatchSampler(image, label, body, PatchConfig(patch_size=12, positive_fraction=0.5))
+    a, b = np.random.default_rng(1), np.random.default_rng(1)  # none set yet: the plain sampler's draws
+    assert all(np.array_equal(sampler.draw_centre(a)[0], plain.draw_centre(b)[0]) for _ in range(100))
+    sampler.set_hard_positives([1])  # the 1-voxel lesion, missed
+    rng = np.random.default_rng(0)
+    draws = [sampler.draw_centre(rng) for _ in range(4000)]
+    components = np.array([k for _, positive, k in draws if positive])
+    assert abs(np.mean(components == 1) - (0.6 + 0.4 / 3)) < 0.05  # the hard share, plus its uniform share
+    assert abs(np.mean(components == 0) - 0.4 / 3) < 0.05
+    assert abs(len(components) / len(draws) - 0.5) < 0.05  # the positive share is unchanged
+    sampler.set_hard_positives([])
+    assert sampler.hard_positives.shape == (0,)
+    with pytest.raises(InputError, match=r"in \[0, 3\)"):
+        sampler.set_hard_positives([3])
+    with pytest.raises(InputError, match=r"\(n,\)"):
+        sampler.set_hard_positives([[0, 1]])
+    with pytest.raises(InputError, match="hard_positive_fraction"):
+        PatchConfig(hard_positive_fraction=1.5)
 
 
 def test_dataset_hard_negatives_reach_workers_started_after_the_change():

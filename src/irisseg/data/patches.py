@@ -14,6 +14,10 @@ Small lesions fill a tiny fraction of a 3D MRI volume, so patches drawn uniforml
   :meth:`PatchSampler.set_hard_negatives`, typically one per false-positive component of the current model
   on that training case (:func:`false_positive_centres`). A negative draw on such a case takes one of them
   with probability ``hard_negative_fraction`` (0 by default: never).
+* **hard positives** (optional, online hard-positive mining): lesion components given to a sampler with
+  :meth:`PatchSampler.set_hard_positives`, typically the ones the current model misses on that training
+  case (:func:`missed_components`). A positive draw on such a case picks one of them with probability
+  ``hard_positive_fraction`` (0 by default: never), so a missed lesion is drawn more often than one found.
 
 Precomputation (once per case, in :class:`PatchSampler`'s constructor): the lesion connected components
 (``scipy.ndimage.label``, 6-connected by default as in :mod:`irisseg.data.synthetic`), the flat indices of
@@ -66,6 +70,7 @@ __all__ = [
     "LesionPatchDataset",
     "body_mask",
     "false_positive_centres",
+    "missed_components",
     "extract_patch",
     "window_start",
     "augment_patch",
@@ -123,6 +128,9 @@ class PatchConfig:
       hard_negative_fraction: probability that a negative draw on a case with hard-negative centres
         (:meth:`PatchSampler.set_hard_negatives`) is centred on one of them (uniformly) rather than anywhere
         in the body, in [0, 1]; 0 (default) never, and draws then consume no extra randomness.
+      hard_positive_fraction: probability that a positive draw on a case with hard-positive lesions
+        (:meth:`PatchSampler.set_hard_positives`, typically the lesions a model misses) picks one of them
+        (uniformly) rather than any lesion, in [0, 1]; 0 (default) never, with no extra randomness.
     """
 
     patch_size: int | tuple[int, int, int] = 48
@@ -137,10 +145,11 @@ class PatchConfig:
     max_body_voxels: int | None = 1_000_000
     max_component_voxels: int | None = 100_000
     hard_negative_fraction: float = 0.0
+    hard_positive_fraction: float = 0.0
 
     def __post_init__(self):
         self.patch_size = _triple(self.patch_size, "patch_size")
-        for name in ("positive_fraction", "hard_negative_fraction"):
+        for name in ("positive_fraction", "hard_negative_fraction", "hard_positive_fraction"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= float(self.centre_jitter) < 1.0:
@@ -297,6 +306,36 @@ def false_positive_centres(prob: np.ndarray, label: np.ndarray, threshold: float
     peaks = np.array(ndi.maximum_position(prob, components, index), dtype=np.int64).reshape(n, 3)
     order = np.argsort(-np.bincount(components.ravel(), minlength=n + 1)[1:], kind="stable")
     return peaks[order[:max_centres] if max_centres is not None else order]
+
+
+def missed_components(prob: np.ndarray, label: np.ndarray, threshold: float = 0.5,
+                      connectivity: int = 1) -> np.ndarray:
+    """The reference lesions a prediction misses: no voxel of the lesion is predicted.
+
+    Lesions are the connected components of ``label`` numbered as :class:`PatchSampler` numbers them (the
+    order of ``scipy.ndimage.label`` with the same ``connectivity``), so the result can be given to
+    :meth:`PatchSampler.set_hard_positives`. A lesion counts as found when any of its voxels has
+    ``prob > threshold``: the rule of lesion recall in :func:`irisseg.metrics.lesion_detection` (default
+    ``min_overlap``), applied to the sampler's components. Used for online hard-positive mining.
+
+    Arguments:
+      prob (np.ndarray): (D, H, W) foreground probabilities (or any score compared with ``threshold``).
+      label (np.ndarray): (D, H, W) reference; non-zero = lesion.
+      threshold (float): probability above which a voxel is predicted lesion.
+      connectivity (int): 1, 2 or 3 (6-, 18- or 26-connected components, as ``scipy.ndimage``).
+
+    Returns:
+      np.ndarray: int64 (n,) 0-based component indices of the missed lesions, ascending.
+
+    Raises:
+      InputError: ``prob`` and ``label`` of different shapes, or not 3D.
+    """
+    prob, label = np.asarray(prob), np.asarray(label) != 0
+    if prob.ndim != 3 or prob.shape != label.shape:
+        raise InputError(f"prob and label must be (D, H, W) of one shape, got {prob.shape} and {label.shape}")
+    components, n = ndi.label(label, structure=ndi.generate_binary_structure(3, connectivity))
+    found = np.bincount(components[prob > threshold], minlength=n + 1)[1:] > 0
+    return np.flatnonzero(~found).astype(np.int64)
 
 
 def window_start(centre: Sequence[int], shape: Sequence[int], patch_size: Sequence[int],
@@ -474,6 +513,7 @@ class PatchSampler:
             body_flat = _subsample(body_flat, cfg.max_body_voxels, rng)
         self.body_index = body_flat.astype(index_dtype)
         self.hard_negatives = np.zeros((0, 3), dtype=np.int64)
+        self.hard_positives = np.zeros(0, dtype=np.int64)
 
     def set_hard_negatives(self, centres: np.ndarray | Sequence[Sequence[int]]) -> None:
         """Replace this case's hard-negative centres (e.g. :func:`false_positive_centres` of a model).
@@ -492,6 +532,24 @@ class PatchSampler:
         if (centres < 0).any() or (centres >= np.asarray(self.shape)).any():
             raise InputError(f"hard-negative centres must lie inside the volume {self.shape}")
         self.hard_negatives = centres
+
+    def set_hard_positives(self, components: np.ndarray | Sequence[int]) -> None:
+        """Replace this case's hard-positive lesions (e.g. :func:`missed_components` of a model).
+
+        Arguments:
+          components: (n,) 0-based lesion component indices, in ``[0, n_components)``; n = 0 clears them.
+
+        Raises:
+          InputError: not one-dimensional, or an index outside ``[0, n_components)``.
+        """
+        components = np.asarray(components, dtype=np.int64)
+        if components.size == 0:
+            components = np.zeros(0, dtype=np.int64)
+        if components.ndim != 1:
+            raise InputError(f"hard-positive components must be (n,) indices, got shape {components.shape}")
+        if (components < 0).any() or (components >= self.n_components).any():
+            raise InputError(f"hard-positive components must be in [0, {self.n_components}), got {components.tolist()}")
+        self.hard_positives = components
 
     @property
     def has_lesion(self) -> bool:
@@ -515,12 +573,16 @@ class PatchSampler:
         Returns:
           tuple[np.ndarray, bool, int]: the centre, int64 (3,) voxel index (d, h, w); whether it is a
           lesion voxel drawn as positive; the component index (-1 for negatives). A negative draw is a
-          hard-negative centre with probability ``config.hard_negative_fraction`` when there are any.
+          hard-negative centre with probability ``config.hard_negative_fraction`` when there are any; a
+          positive draw is on a hard-positive lesion with probability ``config.hard_positive_fraction``.
         """
         if positive is None:
             positive = bool(rng.random() < self.config.positive_fraction)
         if positive and self.n_components > 0:
-            if self.config.component_balanced:
+            hard = self.config.hard_positive_fraction
+            if hard > 0 and len(self.hard_positives) and rng.random() < hard:
+                k = int(self.hard_positives[int(rng.integers(len(self.hard_positives)))])
+            elif self.config.component_balanced:
                 k = int(rng.integers(self.n_components))
             else:  # components weighted by their true size = every lesion voxel equally likely
                 k = min(int(np.searchsorted(self._size_cdf, rng.random(), side="right")), self.n_components - 1)
@@ -719,6 +781,11 @@ class LesionPatchDataset(IterableDataset):
         (every epoch with non-persistent workers).
         """
         self.samplers[int(case)].set_hard_negatives(centres)
+
+    def set_hard_positives(self, case: int, components) -> None:
+        """Give case ``case`` (index into ``cases``) new hard-positive lesions (:meth:`PatchSampler.set_hard_positives`);
+        workers see the change as for :meth:`set_hard_negatives`."""
+        self.samplers[int(case)].set_hard_positives(components)
 
     def __len__(self) -> int:
         if self.samples_per_epoch is None:

@@ -110,8 +110,12 @@ class LesionTrainConfig(YamlConfig):
         (:func:`irisseg.data.patches.false_positive_centres`); a negative draw on a case with such centres
         takes one of them with this probability (:class:`~irisseg.data.patches.PatchConfig`). 0 (default):
         off. The centres are kept in the checkpoint, so ``--resume`` continues with them.
-      hard_negative_cases: training cases predicted per epoch for the mining (each takes about as long as
-        one validation case).
+      hard_positive_fraction: online hard-positive mining, from the same predictions: the lesions of a
+        mined case that the model misses entirely (:func:`irisseg.data.patches.missed_components`) become
+        its hard positives, and a positive draw on that case picks one of them with this probability rather
+        than any of its lesions. 0 (default): off. Kept in the checkpoint as the hard negatives are.
+      hard_negative_cases: training cases predicted per epoch for the mining, hard negatives and hard
+        positives alike (each takes about as long as one validation case).
       inference_precision: precision of the whole-volume predictions during training (validation, mining)
         and of the ablation's scoring: ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16, i.e.
         AMX; float32 elsewhere), ``fp32`` or ``bf16`` (:func:`irisseg.models.blocks.inference_autocast`).
@@ -158,6 +162,7 @@ class LesionTrainConfig(YamlConfig):
     normalization: str = "zscore"
     target_spacing: str | tuple[float, float, float] | None = None
     hard_negative_fraction: float = 0.0
+    hard_positive_fraction: float = 0.0
     hard_negative_cases: int = 8
     inference_precision: str = "auto"
     train_precision: str = "auto"
@@ -208,7 +213,8 @@ class LesionTrainConfig(YamlConfig):
 
         return PatchConfig(patch_size=self.patch, positive_fraction=self.positive_fraction,
                            component_balanced=self.component_balanced, centre_jitter=self.centre_jitter,
-                           hard_negative_fraction=self.hard_negative_fraction)
+                           hard_negative_fraction=self.hard_negative_fraction,
+                           hard_positive_fraction=self.hard_positive_fraction)
 
     def augment_config(self):
         """The patch augmentation of this config (:class:`PatchAugmentConfig`), or None without ``augment``."""
@@ -377,9 +383,10 @@ class _PatchEpoch(L.Callback):
         self.patches.set_epoch(trainer.current_epoch)
 
 
-class _HardNegativeMiner(L.Callback):
-    """Online hard-negative mining: after every training epoch, predict ``cfg.hard_negative_cases`` training
-    cases with the model being validated and give each its false-positive centres as hard negatives.
+class _HardExampleMiner(L.Callback):
+    """Online hard-example mining: after every training epoch, predict ``cfg.hard_negative_cases`` training
+    cases with the model being validated and give each its false-positive centres as hard negatives and
+    its missed lesions as hard positives.
 
     Cases are visited in one shuffled order (by ``cfg.seed``), round robin. The centres and the position in
     the order are the callback's state, saved in the checkpoint and given back to the patch stream on resume.
@@ -391,7 +398,7 @@ class _HardNegativeMiner(L.Callback):
         self.visited = 0
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        from irisseg.data.patches import false_positive_centres
+        from irisseg.data.patches import false_positive_centres, missed_components
 
         last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
         if trainer.should_stop or last_epoch:
@@ -405,16 +412,26 @@ class _HardNegativeMiner(L.Callback):
                                            precision=self.cfg.inference_precision)
             prob = torch.sigmoid(logits)[0, 0].numpy()
             self.patches.set_hard_negatives(index, false_positive_centres(prob, case.label, self.cfg.threshold))
+            connectivity = self.patches.config.connectivity
+            self.patches.set_hard_positives(index, missed_components(prob, case.label, self.cfg.threshold,
+                                                                     connectivity))
 
-    def state_dict(self) -> dict:  # the centres live in the patch stream's samplers only
+    @property
+    def state_key(self) -> str:  # the key runs saved before hard positives have in their checkpoints
+        return "_HardNegativeMiner"
+
+    def state_dict(self) -> dict:  # the centres and lesions live in the patch stream's samplers only
+        samplers = self.patches.samplers
         return {"visited": self.visited,
-                "centres": {str(k): s.hard_negatives.tolist() for k, s in enumerate(self.patches.samplers)
-                            if len(s.hard_negatives)}}
+                "centres": {str(k): s.hard_negatives.tolist() for k, s in enumerate(samplers) if len(s.hard_negatives)},
+                "lesions": {str(k): s.hard_positives.tolist() for k, s in enumerate(samplers) if len(s.hard_positives)}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.visited = int(state_dict.get("visited", 0))
         for index, centres in state_dict.get("centres", {}).items():
             self.patches.set_hard_negatives(int(index), centres)
+        for index, lesions in state_dict.get("lesions", {}).items():
+            self.patches.set_hard_positives(int(index), lesions)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -496,7 +513,8 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
     info = {"dataset": str(data), "channel_names": list(dataset.channel_names), "splits": "splits.json",
             "target_spacing": list(spacing) if spacing is not None else None}
     module = LesionLightning(model, cfg, val_cases)
-    miner = [_HardNegativeMiner(patches, train_cases, cfg)] if cfg.hard_negative_fraction > 0 else []
+    mining = cfg.hard_negative_fraction > 0 or cfg.hard_positive_fraction > 0
+    miner = [_HardExampleMiner(patches, train_cases, cfg)] if mining else []
     stop = EarlyStopping(monitor="val/dice", mode="max", patience=cfg.patience, check_finite=False)
     trainer = make_trainer(
         out, max_epochs=cfg.epochs, device=device, gradient_clip_val=1.0,
