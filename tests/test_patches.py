@@ -259,6 +259,12 @@ def test_bad_inputs_raise_one_line_errors():
         PatchSampler(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)))
 
 
+def _draws_match(sampler: PatchSampler, other: PatchSampler, n: int = 100) -> bool:
+    """Whether two samplers draw the same centres from the same random stream."""
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    return all(np.array_equal(sampler.draw_centre(a)[0], other.draw_centre(b)[0]) for _ in range(n))
+
+
 def test_false_positive_centres_one_peak_per_component_away_from_lesions():
     label = np.zeros((20, 20, 20), np.uint8)
     label[4:8, 4:8, 4:8] = 1
@@ -286,9 +292,7 @@ def test_hard_negatives_take_their_share_of_negative_draws():
     hard = np.array([[16, 8, 16], [8, 16, 20]])
     rng = np.random.default_rng(0)
     # no hard negatives yet: the draws are those of a sampler without the option (no extra randomness)
-    plain = PatchSampler(image, label, body, PatchConfig(patch_size=12, positive_fraction=0.5))
-    a, b = np.random.default_rng(1), np.random.default_rng(1)
-    assert all(np.array_equal(sampler.draw_centre(a)[0], plain.draw_centre(b)[0]) for _ in range(100))
+    assert _draws_match(sampler, PatchSampler(image, label, body, PatchConfig(patch_size=12, positive_fraction=0.5)))
     sampler.set_hard_negatives(hard)
     draws = [sampler.draw_centre(rng) for _ in range(4000)]
     negatives = [c for c, positive, _ in draws if not positive]
@@ -328,9 +332,8 @@ def test_hard_positives_take_their_share_of_positive_draws():
     image, label, body = _brain_case()
     cfg = PatchConfig(patch_size=12, positive_fraction=0.5, hard_positive_fraction=0.6)
     sampler = PatchSampler(image, label, body, cfg)
-    plain = PatchSampler(image, label, body, PatchConfig(patch_size=12, positive_fraction=0.5))
-    a, b = np.random.default_rng(1), np.random.default_rng(1)  # none set yet: the plain sampler's draws
-    assert all(np.array_equal(sampler.draw_centre(a)[0], plain.draw_centre(b)[0]) for _ in range(100))
+    # no hard positives yet: the draws are those of a sampler without the option (no extra randomness)
+    assert _draws_match(sampler, PatchSampler(image, label, body, PatchConfig(patch_size=12, positive_fraction=0.5)))
     sampler.set_hard_positives([1])  # the 1-voxel lesion, missed
     rng = np.random.default_rng(0)
     draws = [sampler.draw_centre(rng) for _ in range(4000)]

@@ -272,6 +272,14 @@ def body_mask(image: np.ndarray, threshold: float = 0.05, fill_holes: bool = Tru
     return mask
 
 
+def _prob_and_label(prob, label) -> tuple[np.ndarray, np.ndarray]:
+    """A prediction's (D, H, W) scores and its reference as a boolean mask, checked to be of one shape."""
+    prob, label = np.asarray(prob), np.asarray(label) != 0
+    if prob.ndim != 3 or prob.shape != label.shape:
+        raise InputError(f"prob and label must be (D, H, W) of one shape, got {prob.shape} and {label.shape}")
+    return prob, label
+
+
 def false_positive_centres(prob: np.ndarray, label: np.ndarray, threshold: float = 0.5, margin: int = 1,
                            connectivity: int = 1, max_centres: int | None = 64) -> np.ndarray:
     """One centre per false-positive component of a prediction: where a model is confidently wrong.
@@ -294,9 +302,7 @@ def false_positive_centres(prob: np.ndarray, label: np.ndarray, threshold: float
     Raises:
       InputError: ``prob`` and ``label`` of different shapes, or not 3D.
     """
-    prob, label = np.asarray(prob), np.asarray(label) != 0
-    if prob.ndim != 3 or prob.shape != label.shape:
-        raise InputError(f"prob and label must be (D, H, W) of one shape, got {prob.shape} and {label.shape}")
+    prob, label = _prob_and_label(prob, label)
     structure = ndi.generate_binary_structure(3, connectivity)
     near_lesion = ndi.binary_dilation(label, structure, iterations=margin) if margin > 0 and label.any() else label
     components, n = ndi.label((prob > threshold) & ~near_lesion, structure=structure)
@@ -330,9 +336,7 @@ def missed_components(prob: np.ndarray, label: np.ndarray, threshold: float = 0.
     Raises:
       InputError: ``prob`` and ``label`` of different shapes, or not 3D.
     """
-    prob, label = np.asarray(prob), np.asarray(label) != 0
-    if prob.ndim != 3 or prob.shape != label.shape:
-        raise InputError(f"prob and label must be (D, H, W) of one shape, got {prob.shape} and {label.shape}")
+    prob, label = _prob_and_label(prob, label)
     components, n = ndi.label(label, structure=ndi.generate_binary_structure(3, connectivity))
     found = np.bincount(components[prob > threshold], minlength=n + 1)[1:] > 0
     return np.flatnonzero(~found).astype(np.int64)
