@@ -388,8 +388,9 @@ class _HardExampleMiner(L.Callback):
     cases with the model being validated and give each its false-positive centres as hard negatives and
     its missed lesions as hard positives.
 
-    Cases are visited in one shuffled order (by ``cfg.seed``), round robin. The centres and the position in
-    the order are the callback's state, saved in the checkpoint and given back to the patch stream on resume.
+    Cases are visited in one shuffled order (by ``cfg.seed``), round robin. The centres, the missed lesions
+    and the position in the order are the callback's state, saved in the checkpoint (under the key runs had
+    before hard positives, so older runs resume) and given back to the patch stream on resume.
     """
 
     def __init__(self, patches, cases: list[PreparedCase], cfg: LesionTrainConfig):
@@ -417,7 +418,7 @@ class _HardExampleMiner(L.Callback):
                                                                      connectivity))
 
     @property
-    def state_key(self) -> str:  # the key runs saved before hard positives have in their checkpoints
+    def state_key(self) -> str:
         return "_HardNegativeMiner"
 
     def state_dict(self) -> dict:  # the centres and lesions live in the patch stream's samplers only
