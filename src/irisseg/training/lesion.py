@@ -412,10 +412,11 @@ class _HardExampleMiner(L.Callback):
                                            (self.cfg.patch,) * 3, self.cfg.overlap, device=module.device,
                                            precision=self.cfg.inference_precision)
             prob = torch.sigmoid(logits)[0, 0].numpy()
-            self.patches.set_hard_negatives(index, false_positive_centres(prob, case.label, self.cfg.threshold))
-            connectivity = self.patches.config.connectivity
-            self.patches.set_hard_positives(index, missed_components(prob, case.label, self.cfg.threshold,
-                                                                     connectivity))
+            if self.cfg.hard_negative_fraction > 0:  # each kind only where it is used
+                self.patches.set_hard_negatives(index, false_positive_centres(prob, case.label, self.cfg.threshold))
+            if self.cfg.hard_positive_fraction > 0:
+                self.patches.set_hard_positives(index, missed_components(prob, case.label, self.cfg.threshold,
+                                                                         self.patches.config.connectivity))
 
     @property
     def state_key(self) -> str:
