@@ -35,6 +35,7 @@ from irisseg.training.lesion import (
     METRICS_COLUMNS,
     LesionLightning,
     LesionTrainConfig,
+    make_loss,
     prepare_case,
     read_metrics_csv,
     train_lesion,
@@ -415,6 +416,26 @@ def test_real_torch_compile_matches_the_plain_network():
     grads = torch.autograd.grad(sum(o.sum() for o in out), list(net.parameters()))
     for g, gp in zip(grads, grads_plain, strict=True):  # fused kernels sum in another order
         assert float((g - gp).norm()) <= 1e-2 * float(gp.norm()) + 1e-6
+
+
+def test_deep_supervision_targets_pool_the_mask_as_configured():
+    """``deep_supervision_targets: max`` keeps a one-voxel lesion a full positive at the coarse levels;
+    ``area`` makes it the covered fraction. The module's loss is deep_supervision_loss with that mode."""
+    from irisseg.losses import deep_supervision_loss
+
+    target = torch.zeros(2, 1, 8, 8, 8)
+    target[0, 0, 3, 4, 5] = 1.0
+    # outputs that predict the max-pooled mask confidently at every level
+    outputs = [20.0 * (2 * torch.nn.functional.adaptive_max_pool3d(target, s) - 1) for s in (8, 4, 2)]
+    losses = {}
+    for mode in ("area", "max"):
+        cfg = LesionTrainConfig(**{**TINY, "deep_supervision_targets": mode})
+        module = LesionLightning(torch.nn.Identity(), cfg, [])
+        losses[mode] = float(module._loss(outputs, target))
+        assert losses[mode] == pytest.approx(float(deep_supervision_loss(make_loss(cfg), outputs, target, mode=mode)))
+    assert losses["max"] < 1e-3 < losses["area"]  # right only for the max-pooled targets
+    with pytest.raises(InputError, match="deep_supervision_targets must be 'area' or 'max'"):
+        LesionTrainConfig(deep_supervision_targets="nearest")
 
 
 def _as_list(out):

@@ -66,8 +66,12 @@ class LesionTrainConfig(YamlConfig):
     Attributes:
       channels: U-Net widths per level (the number of levels is its length); blocks_per_level: residual
         blocks per level in the encoder and in the decoder, one count or one per level (finest first);
-        deep_supervision: auxiliary losses at the coarser decoder levels (weights halving per level); norm:
-        ``instance`` | ``batch`` (:class:`irisseg.models.unet.UNetConfig`).
+        deep_supervision: auxiliary losses at the coarser decoder levels (weights halving per level);
+        deep_supervision_targets: how the lesion mask is pooled to those levels, ``area`` (the covered
+        fraction of each coarse voxel, a soft target) or ``max`` (1 where any voxel it covers is lesion, so a
+        lesion smaller than a coarse voxel stays a full positive there;
+        :func:`irisseg.losses.deep_supervision_loss`); norm: ``instance`` | ``batch``
+        (:class:`irisseg.models.unet.UNetConfig`).
       patch: training patch side (voxels, cubic), also the sliding-window size; batch_size: patches per step.
       positive_fraction: share of patches centred on a lesion voxel; the rest are centred anywhere in the
         body. component_balanced: a positive draw picks a lesion component uniformly, then a voxel in it
@@ -131,6 +135,7 @@ class LesionTrainConfig(YamlConfig):
     channels: tuple[int, ...] = (16, 32, 64, 128)
     blocks_per_level: int | tuple[int, ...] = 1
     deep_supervision: bool = True
+    deep_supervision_targets: str = "area"
     norm: str = "instance"
     patch: int = 48
     batch_size: int = 2
@@ -182,6 +187,8 @@ class LesionTrainConfig(YamlConfig):
 
         if self.norm not in NORMS:
             raise InputError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.deep_supervision_targets not in ("area", "max"):
+            raise InputError(f"deep_supervision_targets must be 'area' or 'max', got {self.deep_supervision_targets!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -330,7 +337,7 @@ class LesionLightning(AnnealedModule):
         from irisseg.losses import deep_supervision_loss
 
         if isinstance(out, (list, tuple)):
-            return deep_supervision_loss(self.loss_fn, out, target)
+            return deep_supervision_loss(self.loss_fn, out, target, mode=self.cfg.deep_supervision_targets)
         return self.loss_fn(out, target)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
