@@ -41,6 +41,7 @@ __all__ = [
     "deep_supervision_loss",
     "get_loss",
     "batch_dice",
+    "DEEP_SUPERVISION_TARGETS",
     "finding_map_loss",
     "LOSSES",
     "territory_base_loss",
@@ -254,6 +255,10 @@ def focal_dice_loss(
     return _reduce(dice_weight * dice + focal_weight * focal, reduction)
 
 
+#: How :func:`deep_supervision_loss` pools a target to a coarser output (its ``mode`` choices).
+DEEP_SUPERVISION_TARGETS = ("area", "max")
+
+
 def _downsample_target(target: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
     """``target`` (B, N, *spatial) pooled to (B, N, *size): fraction covered ("area") or any voxel set ("max")."""
     if tuple(target.shape[2:]) == tuple(size):
@@ -263,7 +268,7 @@ def _downsample_target(target: torch.Tensor, size: Sequence[int], mode: str) -> 
         "area": {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d},
         "max": {2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d},
     }
-    if mode not in pools:
+    if mode not in DEEP_SUPERVISION_TARGETS:
         raise ValueError(f"mode must be 'area' or 'max', got {mode!r}")
     if spatial not in (2, 3):
         raise ValueError(f"deep supervision needs 2D or 3D targets, got shape {tuple(target.shape)}")

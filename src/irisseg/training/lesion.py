@@ -187,7 +187,9 @@ class LesionTrainConfig(YamlConfig):
 
         if self.norm not in NORMS:
             raise InputError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
-        if self.deep_supervision_targets not in ("area", "max"):
+        from irisseg.losses import DEEP_SUPERVISION_TARGETS
+
+        if self.deep_supervision_targets not in DEEP_SUPERVISION_TARGETS:
             raise InputError(f"deep_supervision_targets must be 'area' or 'max', got {self.deep_supervision_targets!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
