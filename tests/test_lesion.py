@@ -438,6 +438,42 @@ def test_deep_supervision_targets_pool_the_mask_as_configured():
         LesionTrainConfig(deep_supervision_targets="nearest")
 
 
+def test_blob_weight_adds_the_instance_term_and_trains(tmp_path, dataset, monkeypatch):
+    """``blob_weight`` adds ``w * blob_loss`` (per patch, not batch-folded) on the full-resolution output to
+    the deep-supervised loss, and the training stream then carries the patches' lesion instances."""
+    from irisseg.data import patches as patches_mod
+    from irisseg.losses import blob_loss, deep_supervision_loss, get_loss
+
+    g = torch.Generator().manual_seed(0)
+    instances = torch.zeros(2, 1, 8, 8, 8, dtype=torch.int16)
+    instances[0, 0, :3, :3, :3], instances[0, 0, 6, 6, 6], instances[1, 0, 4, 4, 2:4] = 1, 2, 1
+    target = (instances > 0).float()
+    outputs = [torch.randn(2, 1, 8, 8, 8, generator=g), torch.randn(2, 1, 4, 4, 4, generator=g)]
+    cfg = LesionTrainConfig(**{**TINY, "blob_weight": 0.5})
+    module = LesionLightning(torch.nn.Identity(), cfg, [])
+    expected = (deep_supervision_loss(make_loss(cfg), outputs, target, mode=cfg.deep_supervision_targets)
+                + 0.5 * blob_loss(get_loss("dice_bce"), outputs[0], instances))
+    assert float(module._loss(outputs, target, instances)) == pytest.approx(float(expected), rel=1e-6)
+    plain = LesionLightning(torch.nn.Identity(), LesionTrainConfig(**TINY), [])
+    assert float(plain._loss(outputs, target)) < float(module._loss(outputs, target, instances))
+
+    seen = []
+    draw = patches_mod.LesionPatchDataset.draw
+
+    def spy(self, rng, gen):
+        item = draw(self, rng, gen)
+        seen.append(int(item["instances"].max()))
+        return item
+
+    monkeypatch.setattr(patches_mod.LesionPatchDataset, "draw", spy)
+    run = train_lesion(LesionTrainConfig(**{**TINY, "epochs": 1, "blob_weight": 0.5, "positive_fraction": 1.0}),
+                       dataset, tmp_path / "blob", device="cpu", progress=False)
+    assert (run / "best" / "model.safetensors").is_file() and seen and max(seen) >= 1
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(InputError, match="blob_weight"):
+            LesionTrainConfig(blob_weight=bad)
+
+
 def _as_list(out):
     return list(out) if isinstance(out, (list, tuple)) else [out]
 

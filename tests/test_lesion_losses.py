@@ -12,6 +12,7 @@ from irisseg.errors import InputError
 from irisseg.losses import (
     LOSSES,
     batch_dice,
+    blob_loss,
     deep_supervision_loss,
     dice_bce_loss,
     focal_dice_loss,
@@ -170,3 +171,37 @@ def test_batch_dice_matches_monai_batch_mode():
     fixed = logits.clone()
     fixed[1] = -5.0  # the empty patch predicted empty
     assert float(batch_dice(soft_dice_loss)(logits, target)) > float(batch_dice(soft_dice_loss)(fixed, target)) + 0.1
+
+
+@pytest.mark.parametrize("name", ["dice_bce", "tversky", "focal_dice"])
+def test_blob_loss_scores_every_lesion_on_its_own(name):
+    """Two lesions of 2 and 216 voxels in one patch: a prediction of the large one alone has a small global
+    Dice loss, but the blob term is the mean of the two per-lesion losses, each computed with the other
+    lesion left out, so the missed small lesion costs half of it."""
+    loss_fn = get_loss(name)
+    instances = torch.zeros(2, 1, 12, 12, 12, dtype=torch.int16)
+    instances[0, 0, 1:7, 1:7, 1:7] = 1  # 216 voxels
+    instances[0, 0, 10, 10, 9:11] = 2  # 2 voxels
+    target = (instances > 0).float()  # the second item has no lesion
+    logits = torch.where(instances == 1, 8.0, -8.0)  # finds the large lesion, misses the small one
+    blob = blob_loss(loss_fn, logits, instances)
+    alone = []
+    for k, other in ((1, 2), (2, 1)):  # each lesion scored on its own, the other one removed from the case
+        alone.append(loss_fn(logits[:1].masked_fill(instances[:1] == other, -1e4), (instances[:1] == k).float()))
+    assert float(blob) == pytest.approx(float(sum(alone) / 2), rel=1e-5)
+    assert float(alone[0]) < 0.01 < 0.5 < float(alone[1])
+    assert float(blob) > 10 * float(loss_fn(logits[:1], target[:1]))  # the global loss barely sees the miss
+    # one lesion: the blob term is the loss of the items that have it
+    single = torch.where(instances == 2, 0, instances)
+    assert float(blob_loss(loss_fn, logits, single)) == pytest.approx(float(loss_fn(logits[:1], target[:1] * (single[:1] > 0))), rel=1e-5)
+    # no lesion in the batch: zero, with a gradient path
+    x = logits.clone().requires_grad_(True)
+    empty = blob_loss(loss_fn, x, torch.zeros_like(instances))
+    empty.backward()
+    assert float(empty.detach()) == 0.0 and x.grad is not None and float(x.grad.abs().sum()) == 0.0
+    # gradients reach the missed lesion only through its own term
+    x = logits.clone().requires_grad_(True)
+    blob_loss(loss_fn, x, instances).backward()
+    assert torch.isfinite(x.grad).all() and float(x.grad[0, 0, 10, 10, 9]) < 0  # raise the missed voxels
+    with pytest.raises(ValueError, match="one shape"):
+        blob_loss(loss_fn, logits, instances[:, :, :-1])

@@ -383,6 +383,27 @@ def test_dataset_items_fraction_and_seeding():
     assert not all(torch.equal(a["centre"], b["centre"]) for a, b in zip(items, ds))
 
 
+def test_dataset_instances_number_the_lesions_of_each_augmented_patch():
+    from scipy import ndimage
+
+    image, label, body = _brain_case()
+    aug = PatchAugmentConfig(flip=0.5, spatial_prob=1.0)
+    ds = LesionPatchDataset([(image, label, body)], PatchConfig(patch_size=16, positive_fraction=0.8), augment=aug,
+                            seed=1, samples_per_epoch=40, instances=True)
+    counts = []
+    for it in ds:
+        inst = it["instances"]
+        assert inst.shape == it["label"].shape and inst.dtype == torch.int16
+        assert torch.equal(inst > 0, it["label"] > 0.5)
+        n = int(inst.max())
+        assert n == ndimage.label(it["label"][0].numpy() > 0.5, structure=np.ones((3, 3, 3)))[1]
+        assert set(torch.unique(inst).tolist()) == set(range(n + 1))
+        counts.append(n)
+    assert max(counts) >= 2  # patches with several lesions occur
+    assert "instances" not in next(iter(LesionPatchDataset([(image, label, body)], PatchConfig(patch_size=16),
+                                                           samples_per_epoch=1)))
+
+
 def test_dataset_workers_draw_different_deterministic_streams():
     cfg = PatchConfig(patch_size=8, positive_fraction=0.5)
 

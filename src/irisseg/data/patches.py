@@ -740,21 +740,25 @@ class LesionPatchDataset(IterableDataset):
       seed (int): base seed (also seeds the one-off subsampling of each case's precomputation).
       samples_per_epoch (int | None): patches per iteration, split across workers (so the DataLoader gives
         exactly this many); None for an infinite stream.
+      instances (bool): also yield each patch's lesion instances (for :func:`irisseg.losses.blob_loss`).
 
     Yields:
       dict: ``image`` float32 (C, p0, p1, p2), ``label`` float32 (1, p0, p1, p2) in {0, 1}, ``valid``
       float32 (1, p0, p1, p2), ``positive`` (bool), ``case`` (int, index into ``cases``), ``centre`` int64
-      (3,) in volume coordinates.
+      (3,) in volume coordinates; with ``instances``, ``instances`` int16 (1, p0, p1, p2): 0 outside the
+      lesions, ``1..n`` on the n lesion components of the (augmented) label patch, 26-connected as the
+      lesion metrics count them (:func:`irisseg.metrics.lesion_detection`).
 
     Raises:
       InputError: no case, or cases of different channel counts or patch sizes.
     """
 
     def __init__(self, cases: Sequence, config: PatchConfig | None = None, augment: PatchAugmentConfig | None = None,
-                 seed: int = 0, samples_per_epoch: int | None = None):
+                 seed: int = 0, samples_per_epoch: int | None = None, instances: bool = False):
         super().__init__()
         self.config = config if config is not None else PatchConfig()
         self.augment = augment
+        self.instances = bool(instances)
         self.seed = int(seed)
         self.epoch = 0
         if samples_per_epoch is not None and int(samples_per_epoch) < 1:
@@ -807,8 +811,12 @@ class LesionPatchDataset(IterableDataset):
         image, label, valid = (torch.from_numpy(a) for a in (sample.image, sample.label, sample.valid))
         if self.augment is not None:
             image, label, valid = augment_patch(image, label, valid, self.augment, gen)
-        return {"image": image, "label": label, "valid": valid, "positive": sample.positive, "case": case,
+        item = {"image": image, "label": label, "valid": valid, "positive": sample.positive, "case": case,
                 "centre": torch.tensor(sample.centre, dtype=torch.int64)}
+        if self.instances:
+            components, _ = ndi.label(label[0].numpy() > 0.5, structure=np.ones((3, 3, 3), dtype=bool))
+            item["instances"] = torch.from_numpy(components.astype(np.int16)[None])
+        return item
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -82,6 +82,10 @@ class LesionTrainConfig(YamlConfig):
       loss: ``dice_bce`` | ``tversky`` | ``focal_dice``; tversky_alpha / tversky_beta: Tversky weights of
         false positives / false negatives; focal_gamma: focal-Dice exponent; batch_dice: overlap terms summed over the whole
         batch (:func:`irisseg.losses.batch_dice`; a lesion-free patch alone gives the soft Dice nothing to learn).
+      blob_weight: weight of the instance-wise "blob" term added to that loss on the full-resolution output
+        (:func:`irisseg.losses.blob_loss`, Kofler et al. 2023: the configured loss per lesion component of
+        each patch, the other lesions left out, averaged over the lesions, so a missed small lesion costs
+        as much as a missed large one); 0 (default): off. The paper weighs it half the global term (0.5).
       lr, weight_decay: AdamW; the learning rate follows a cosine schedule over ``epochs`` or over
         ``max_minutes``, whichever runs out first (:meth:`LesionLightning.lr_factor`).
       ema_decay: keep an exponential moving average of the weights with this decay per step (0: none);
@@ -147,6 +151,7 @@ class LesionTrainConfig(YamlConfig):
     tversky_beta: float = 0.7
     focal_gamma: float = 2.0
     batch_dice: bool = True
+    blob_weight: float = 0.0
     lr: float = 2e-3
     weight_decay: float = 1e-5
     ema_decay: float = 0.0
@@ -191,6 +196,8 @@ class LesionTrainConfig(YamlConfig):
 
         if self.deep_supervision_targets not in DEEP_SUPERVISION_TARGETS:
             raise InputError(f"deep_supervision_targets must be 'area' or 'max', got {self.deep_supervision_targets!r}")
+        if not (self.blob_weight >= 0.0 and math.isfinite(self.blob_weight)):
+            raise InputError(f"blob_weight must be a number >= 0, got {self.blob_weight}")
         if not 0.0 < self.val_fraction < 1.0:
             raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -309,14 +316,15 @@ def median_spacing(cases, reorient: bool = True) -> tuple[float, float, float]:
 # ---------------------------------------------------------------------------------------------------
 # module
 # ---------------------------------------------------------------------------------------------------
-def make_loss(cfg: LesionTrainConfig):
-    """The configured loss as ``fn(logits (B, 1, ...), target (B, 1, ...)) -> scalar``."""
+def make_loss(cfg: LesionTrainConfig, per_item: bool = False):
+    """The configured loss as ``fn(logits (B, 1, ...), target (B, 1, ...)) -> scalar``; ``per_item``: without
+    the batch-Dice folding, taking ``reduction`` (the per-instance loss of the blob term)."""
     from irisseg.losses import batch_dice, get_loss
 
     kwargs = {"tversky": {"alpha": cfg.tversky_alpha, "beta": cfg.tversky_beta},
               "focal_dice": {"gamma": cfg.focal_gamma}}.get(cfg.loss, {})
     loss = get_loss(cfg.loss, **kwargs)
-    return batch_dice(loss) if cfg.batch_dice else loss
+    return batch_dice(loss) if cfg.batch_dice and not per_item else loss
 
 
 class LesionLightning(AnnealedModule):
@@ -327,6 +335,7 @@ class LesionLightning(AnnealedModule):
         self.model, self.cfg, self.val_cases = model, cfg, val_cases
         self.setup_ema()
         self.loss_fn = make_loss(cfg)
+        self.blob_fn = make_loss(cfg, per_item=True) if cfg.blob_weight > 0 else None
         self.best_val = -math.inf
         self._train_losses: list[float] = []
         self._val_rows: list[dict] = []
@@ -335,15 +344,20 @@ class LesionLightning(AnnealedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _loss(self, out, target: torch.Tensor) -> torch.Tensor:
-        from irisseg.losses import deep_supervision_loss
+    def _loss(self, out, target: torch.Tensor, instances: torch.Tensor | None = None) -> torch.Tensor:
+        """The configured loss of the network's output(s) against (B, 1, ...) targets, plus the blob term on
+        the full-resolution output when ``blob_weight`` > 0 (``instances``: the batch's lesion components)."""
+        from irisseg.losses import blob_loss, deep_supervision_loss
 
-        if isinstance(out, (list, tuple)):
-            return deep_supervision_loss(self.loss_fn, out, target, mode=self.cfg.deep_supervision_targets)
-        return self.loss_fn(out, target)
+        loss = deep_supervision_loss(self.loss_fn, out, target, mode=self.cfg.deep_supervision_targets)
+        if self.blob_fn is not None:
+            main = out[0] if isinstance(out, (list, tuple)) else out
+            loss = loss + self.cfg.blob_weight * blob_loss(self.blob_fn, main, instances)
+        return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(self.train_forward(batch["image"]), batch["label"])  # losses work in float32 under autocast
+        # losses work in float32 under autocast
+        loss = self._loss(self.train_forward(batch["image"]), batch["label"], batch.get("instances"))
         self._train_losses.append(float(loss.detach()))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
@@ -510,7 +524,7 @@ def train_lesion(cfg: LesionTrainConfig, data: str | Path, out: str | Path, resu
         [(c.image, c.label, c.body) for c in train_cases],
         config=cfg.patch_config(),
         augment=cfg.augment_config(), seed=cfg.seed,
-        samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size)
+        samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size, instances=cfg.blob_weight > 0)
     # Workers are not persistent, so each epoch's workers see the epoch set by _PatchEpoch (fresh patches
     # every epoch, and the same ones after a resume).
     train_dl = DataLoader(patches, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
