@@ -199,7 +199,7 @@ def test_blob_loss_scores_every_lesion_on_its_own(name):
     empty = blob_loss(loss_fn, x, torch.zeros_like(instances))
     empty.backward()
     assert float(empty.detach()) == 0.0 and x.grad is not None and float(x.grad.abs().sum()) == 0.0
-    # gradients reach the missed lesion only through its own term
+    # the gradient raises the missed lesion's logits
     x = logits.clone().requires_grad_(True)
     blob_loss(loss_fn, x, instances).backward()
     assert torch.isfinite(x.grad).all() and float(x.grad[0, 0, 10, 10, 9]) < 0  # raise the missed voxels
