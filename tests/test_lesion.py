@@ -454,6 +454,8 @@ def test_blob_weight_adds_the_instance_term_and_trains(tmp_path, dataset, monkey
     expected = (deep_supervision_loss(make_loss(cfg), outputs, target, mode=cfg.deep_supervision_targets)
                 + 0.5 * blob_loss(get_loss("dice_bce"), outputs[0], instances))
     assert float(module._loss(outputs, target, instances)) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="instances"):
+        module._loss(outputs, target)
     plain = LesionLightning(torch.nn.Identity(), LesionTrainConfig(**TINY), [])
     assert float(plain._loss(outputs, target)) < float(module._loss(outputs, target, instances))
 

@@ -351,6 +351,8 @@ class LesionLightning(AnnealedModule):
 
         loss = deep_supervision_loss(self.loss_fn, out, target, mode=self.cfg.deep_supervision_targets)
         if self.blob_fn is not None:
+            if instances is None:
+                raise ValueError("blob_weight > 0 needs the batch's lesion instances (LesionPatchDataset(instances=True))")
             main = out[0] if isinstance(out, (list, tuple)) else out
             loss = loss + self.cfg.blob_weight * blob_loss(self.blob_fn, main, instances)
         return loss
