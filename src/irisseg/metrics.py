@@ -59,6 +59,7 @@ __all__ = [
     "surface_dice",
     "LesionDetection",
     "lesion_detection",
+    "lesion_components",
     "evaluate",
     "summarize",
     "rank_by_similarity",
@@ -386,8 +387,17 @@ class LesionDetection:
         return out
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Connected components with full connectivity (26-connectivity in 3D)."""
+def lesion_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The lesions of a mask as :func:`lesion_detection` counts them: connected components with full
+    connectivity (26-connectivity in 3D).
+
+    Arguments:
+      mask (np.ndarray): (D, H, W) (or any-dimensional) mask; non-zero = lesion.
+
+    Returns:
+      tuple[np.ndarray, int]: int32 component map of the mask's shape (0 outside, ``1..n`` on the lesions)
+      and ``n``.
+    """
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
     labels, n = ndimage.label(mask, structure=structure)
     return labels, int(n)
@@ -410,8 +420,8 @@ def _check_min_overlap(min_overlap: float) -> float:
 def _lesion_detection(
     pred: np.ndarray, ref: np.ndarray, spacing: np.ndarray, min_overlap: float
 ) -> LesionDetection:
-    ref_labels, n_ref = _components(ref)
-    pred_labels, n_pred = _components(pred)
+    ref_labels, n_ref = lesion_components(ref)
+    pred_labels, n_pred = lesion_components(pred)
     ref_hit = _hit_components(ref_labels, n_ref, pred, min_overlap)
     n_detected = int(np.count_nonzero(ref_hit))
     n_tp_pred = int(np.count_nonzero(_hit_components(pred_labels, n_pred, ref, min_overlap)))

@@ -7,7 +7,8 @@ Usage::
 
 DATASET is an ``irisseg synth --mode lesion`` folder, PREDS the predictions of some or all of its cases
 (``PREDS/<case>.nii.gz``, binary). Every reference lesion is a 26-connected component of the label map,
-found when any predicted voxel lies on it (as ``irisseg.metrics.lesion_detection`` counts it). Prints, per
+found when any predicted voxel lies on it (``irisseg.metrics.lesion_components``, as
+``irisseg.metrics.lesion_detection`` counts it). Prints, per
 size bin (voxels), the lesions and the share found, for each of normal / low lesion contrast and without /
 with simulated thick slices (the case attributes, as ``strata.py`` reads them).
 """
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage as ndi
+
+from irisseg.metrics import lesion_components
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strata import case_attributes  # noqa: E402
@@ -39,7 +41,7 @@ def main(dataset: Path, preds: Path) -> None:
         a = attributes[case]
         low = a["lesion_contrast"] == "low"
         thick = float(a["acquisition"]["slice_thickness"]) > 1.0
-        components, n = ndi.label(ref, structure=np.ones((3, 3, 3), dtype=bool))
+        components, n = lesion_components(ref)
         sizes = np.bincount(components.ravel(), minlength=n + 1)
         hit = np.bincount(components[pred].ravel(), minlength=n + 1) > 0
         rows += [(int(sizes[k]), low, thick, bool(hit[k])) for k in range(1, n + 1)]

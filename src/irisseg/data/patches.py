@@ -60,6 +60,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from irisseg.data.augment import gaussian_blur, random_affine, random_gamma, simulate_low_resolution
 from irisseg.errors import InputError
+from irisseg.metrics import lesion_components
 
 __all__ = [
     "BORDERS",
@@ -747,7 +748,7 @@ class LesionPatchDataset(IterableDataset):
       float32 (1, p0, p1, p2), ``positive`` (bool), ``case`` (int, index into ``cases``), ``centre`` int64
       (3,) in volume coordinates; with ``instances``, ``instances`` int16 (1, p0, p1, p2): 0 outside the
       lesions, ``1..n`` on the n lesion components of the (augmented) label patch, 26-connected as the
-      lesion metrics count them (:func:`irisseg.metrics.lesion_detection`).
+      lesion metrics count them (:func:`irisseg.metrics.lesion_components`).
 
     Raises:
       InputError: no case, or cases of different channel counts or patch sizes.
@@ -814,7 +815,7 @@ class LesionPatchDataset(IterableDataset):
         item = {"image": image, "label": label, "valid": valid, "positive": sample.positive, "case": case,
                 "centre": torch.tensor(sample.centre, dtype=torch.int64)}
         if self.instances:
-            components, _ = ndi.label(label[0].numpy() > 0.5, structure=np.ones((3, 3, 3), dtype=bool))
+            components, _ = lesion_components(label[0].numpy() > 0.5)
             item["instances"] = torch.from_numpy(components.astype(np.int16)[None])
         return item
 
